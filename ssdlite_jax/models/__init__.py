@@ -1,0 +1,106 @@
+"""Model registry and builder: config -> Detector (Flax module + static anchors).
+
+A new SSD variant registers its backbone (a module returning NHWC feature maps and a
+`torchvision_modules()` porting map) and, if needed, a head; anchors come from the config.
+"""
+
+import dataclasses
+import functools
+import json
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ssdlite_jax import anchors as anchors_lib
+from ssdlite_jax.models.heads import SSDLitePredictor
+from ssdlite_jax.models.mobilenet_v3 import MobileNetV3SSDLite
+from ssdlite_jax.models.ssd import SSD
+
+BACKBONES = {"mobilenet_v3_large": MobileNetV3SSDLite}
+HEADS = {"ssdlite": SSDLitePredictor}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """SSDlite320-MobileNetV3-Large exactly as torchvision's ssdlite320_mobilenet_v3_large(weights=None,
+  weights_backbone=None): 91 COCO classes, 320x320 input, [-1, 1] scaling, post-processing defaults."""
+  c = ml_collections.ConfigDict()
+  c.backbone = "mobilenet_v3_large"
+  c.backbone_kwargs = ml_collections.ConfigDict(
+      dict(width_mult=1.0, reduced_tail=True, min_depth=16, extra_depths=(512, 256, 256, 128)))
+  c.head = "ssdlite"
+  c.num_classes = 91
+  c.image_size = 320
+  c.image_mean = (0.5, 0.5, 0.5)
+  c.image_std = (0.5, 0.5, 0.5)
+  c.anchors = ml_collections.ConfigDict(dict(
+      aspect_ratios=((2, 3),) * 6, min_ratio=0.2, max_ratio=0.95, scales=(), steps=(), clip=True))
+  c.box_coder_weights = (10.0, 10.0, 5.0, 5.0)
+  c.score_thresh = 0.001
+  c.nms_thresh = 0.55
+  c.topk_candidates = 300
+  c.detections_per_img = 300
+  c.depthwise_impl = "auto"   # 'shift' (fast on CPU), 'xla' (grouped conv), 'auto' picks per backend
+  c.dtype = "float32"         # compute dtype; params stay float32
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Detector:
+  """A built model: the Flax module, its anchors [A, 4] xyxy px (numpy float32) and its config."""
+  module: SSD
+  anchors: np.ndarray
+  config: ml_collections.ConfigDict
+
+  @property
+  def image_size(self):
+    return (self.config.image_size, self.config.image_size)
+
+  def init(self, rng) -> Dict[str, Any]:
+    """Fresh variables {"params", "batch_stats"} with torchvision's from-scratch initialisation."""
+    x = jnp.zeros((1,) + self.image_size + (3,), jnp.float32)
+    return dict(jax.jit(functools.partial(self.module.init, train=False))(rng, x))
+
+  def torchvision_modules(self) -> Dict[tuple, tuple]:
+    """{flax module path: (torchvision state_dict prefix, kind)} for weight porting."""
+    out = {("backbone",) + k: ("backbone." + p, kind)
+           for k, (p, kind) in self.module.backbone.torchvision_modules().items()}
+    for name in ("classification_head", "regression_head"):
+      head = HEADS[self.config.head](self.module.num_anchors, 1)
+      out.update({(name,) + k: (p, kind) for k, (p, kind) in head.torchvision_modules(f"head.{name}").items()})
+    return out
+
+
+def model_config_from_json(text: str) -> ml_collections.ConfigDict:
+  cfg = default_model_config()
+  cfg.update(json.loads(text))
+  return cfg
+
+
+def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None) -> Detector:
+  """Builds the detector described by a model config (see default_model_config)."""
+  if config.backbone not in BACKBONES:
+    raise ValueError(f"model.backbone={config.backbone!r}; known: {sorted(BACKBONES)}")
+  if config.head not in HEADS:
+    raise ValueError(f"model.head={config.head!r}; known: {sorted(HEADS)}")
+  if config.dtype not in DTYPES:
+    raise ValueError(f"model.dtype={config.dtype!r}; known: {sorted(DTYPES)}")
+  dtype = DTYPES[config.dtype]
+  common = dict(bn_axis_name=bn_axis_name, depthwise_impl=config.depthwise_impl, dtype=dtype)
+  backbone = BACKBONES[config.backbone](**config.backbone_kwargs.to_dict(), **common)
+  a = config.anchors
+  num_anchors = anchors_lib.num_anchors_per_location(a.aspect_ratios)
+  size = (config.image_size, config.image_size)
+  shapes = jax.eval_shape(lambda: backbone.init_with_output(
+      jax.random.key(0), jnp.zeros((1,) + size + (3,)), train=False))[0]
+  feature_sizes = [tuple(s.shape[1:3]) for s in shapes]
+  anchors = anchors_lib.default_boxes(
+      feature_sizes, size, a.aspect_ratios, a.min_ratio, a.max_ratio,
+      scales=a.scales or None, steps=a.steps or None, clip=a.clip)
+  module = SSD(backbone=backbone, head=HEADS[config.head], num_classes=config.num_classes,
+               num_anchors=num_anchors, image_mean=tuple(config.image_mean),
+               image_std=tuple(config.image_std), head_kwargs=common)
+  return Detector(module=module, anchors=anchors, config=config)

@@ -1,0 +1,158 @@
+"""Weight porting between torchvision state_dicts and Flax variables, and .pth / .safetensors files.
+
+Conversion rules (torch -> Flax): conv OIHW -> HWIO (depthwise (C,1,k,k) -> (k,k,1,C)); BN weight/bias ->
+params scale/bias; running_mean/var/num_batches_tracked -> batch_stats mean/var/num_batches_tracked.
+torch is imported only to read or write .pth files.
+"""
+
+import collections
+import os
+import pickle
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import flax
+import jax
+import numpy as np
+
+from ssdlite_jax.models import Detector
+
+StateDict = Dict[str, np.ndarray]
+
+_CONV_BN = (  # (flax collection, flax leaf path, torch suffix, is_kernel)
+    ("params", ("conv", "kernel"), ".0.weight", True),
+    ("params", ("bn", "scale"), ".1.weight", False),
+    ("params", ("bn", "bias"), ".1.bias", False),
+    ("batch_stats", ("bn", "mean"), ".1.running_mean", False),
+    ("batch_stats", ("bn", "var"), ".1.running_var", False),
+    ("batch_stats", ("bn", "num_batches_tracked"), ".1.num_batches_tracked", False),
+)
+_CONV = (
+    ("params", ("kernel",), ".weight", True),
+    ("params", ("bias",), ".bias", False),
+)
+
+
+def key_map(detector: Detector) -> List[Tuple[str, Tuple[str, ...], str, bool]]:
+  """[(collection, flax path, torch key, is_kernel)] for every tensor, in torchvision's state_dict order."""
+  out = []
+  for path, (prefix, kind) in detector.torchvision_modules().items():
+    for coll, leaf, suffix, is_kernel in (_CONV_BN if kind == "conv_bn" else _CONV):
+      out.append((coll, path + leaf, prefix + suffix, is_kernel))
+  return out
+
+
+def _abstract_variables(detector: Detector):
+  return jax.eval_shape(detector.init, jax.random.key(0))
+
+
+def _to_flax_leaf(value: np.ndarray, is_kernel: bool, key: str) -> np.ndarray:
+  if is_kernel:
+    return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+  if value.dtype == np.int64:  # num_batches_tracked
+    if abs(int(value)) > np.iinfo(np.int32).max:
+      raise ValueError(f"{key}: value {int(value)} does not fit in int32")
+    return value.astype(np.int32)
+  return value
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], detector: Detector,
+                  skip_mismatched: bool = False, rng=None):
+  """Flax variables {"params", "batch_stats"} from a torchvision state_dict (numpy arrays).
+
+  Missing, unexpected or mis-shaped keys raise a ValueError naming every offending key (both shapes).
+  With `skip_mismatched` (fine-tuning to another num_classes), keys that are missing or mis-shaped keep a
+  fresh initialisation from `rng`; returns (variables, skipped keys) in that case.
+  """
+  abstract = flax.traverse_util.flatten_dict(_abstract_variables(detector))
+  entries = key_map(detector)
+  expected = {torch_key for _, _, torch_key, _ in entries}
+  problems = [f"unexpected key {k} {tuple(np.shape(v))}" for k, v in state_dict.items() if k not in expected]
+  flat, skipped = {}, []
+  for coll, path, torch_key, is_kernel in entries:
+    want = abstract[(coll,) + path].shape
+    if torch_key not in state_dict:
+      skipped.append(torch_key)
+      problems.append(f"missing key {torch_key} (expected shape {_torch_shape(want, is_kernel)})")
+      continue
+    value = _to_flax_leaf(np.asarray(state_dict[torch_key]), is_kernel, torch_key)
+    if value.shape != want:
+      skipped.append(torch_key)
+      problems.append(f"shape mismatch for {torch_key}: checkpoint {tuple(state_dict[torch_key].shape)}, "
+                      f"model {_torch_shape(want, is_kernel)}")
+      continue
+    flat[(coll,) + path] = value
+  if not skip_mismatched:
+    if problems:
+      raise ValueError("state_dict does not match the model:\n  " + "\n  ".join(problems))
+    return flax.traverse_util.unflatten_dict(flat)
+  fresh = flax.traverse_util.flatten_dict(detector.init(rng if rng is not None else jax.random.key(0)))
+  merged = {k: flat.get(k, np.asarray(v)) for k, v in fresh.items()}
+  return flax.traverse_util.unflatten_dict(merged), skipped
+
+
+def _torch_shape(flax_shape, is_kernel):
+  return tuple(flax_shape[i] for i in (3, 2, 0, 1)) if is_kernel else tuple(flax_shape)
+
+
+def flax_to_torch(variables, detector: Detector) -> StateDict:
+  """A torchvision state_dict (ordered, numpy) from Flax variables; loads with strict=True."""
+  flat = flax.traverse_util.flatten_dict(jax.device_get(variables))
+  out = collections.OrderedDict()
+  for coll, path, torch_key, is_kernel in key_map(detector):
+    value = np.asarray(flat[(coll,) + path])
+    if is_kernel:
+      value = value.transpose(3, 2, 0, 1)
+    elif path[-1] == "num_batches_tracked":
+      value = value.astype(np.int64)
+    out[torch_key] = np.ascontiguousarray(value)
+  return out
+
+
+def load_state_dict(path: str) -> StateDict:
+  """Reads a .pth (torch.load with weights_only=True) or .safetensors file into numpy arrays.
+
+  A .pth may hold the state_dict itself or a training checkpoint dict with a "model" entry.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    return dict(load_file(path))
+  import torch
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ValueError(
+        f"{path}: refused: this pickle holds more than tensors (code or arbitrary objects), and it is "
+        f"only read with torch.load(weights_only=True), so nothing in it was run. Re-save just the "
+        f"state_dict (torch.save(model.state_dict(), ...)) or use .safetensors. Detail: {e}") from None
+  if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+    obj = obj["model"]
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a state_dict (dict of tensors), got {type(obj).__name__}")
+  bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+  if bad:
+    raise ValueError(f"{path}: entries that are not tensors: {bad[:10]}")
+  return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+  """Writes a state_dict to .pth (torch.save) or .safetensors, atomically (temp file, then rename)."""
+  tmp = path + ".tmp"
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp)
+  elif path.endswith((".pth", ".pt")):
+    import torch
+    torch.save(collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items()), tmp)
+  else:
+    raise ValueError(f"{path}: unknown weight format; use .pth, .pt or .safetensors")
+  os.replace(tmp, path)
+
+
+def load_torchvision_weights(path: str, detector: Detector, skip_mismatched: bool = False, rng=None):
+  """torch_to_flax(load_state_dict(path)), with the file name in any error."""
+  try:
+    return torch_to_flax(load_state_dict(path), detector, skip_mismatched, rng)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
