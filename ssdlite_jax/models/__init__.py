@@ -6,7 +6,6 @@ A new SSD variant registers its backbone (a module returning NHWC feature maps a
 
 import dataclasses
 import functools
-import json
 from typing import Any, Dict, Optional
 
 import jax
@@ -33,6 +32,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       dict(width_mult=1.0, reduced_tail=True, min_depth=16, extra_depths=(512, 256, 256, 128)))
   c.head = "ssdlite"
   c.num_classes = 91
+  c.class_names = ()          # label -> name ('' for unused); empty means COCO names when num_classes == 91
   c.image_size = 320
   c.image_mean = (0.5, 0.5, 0.5)
   c.image_std = (0.5, 0.5, 0.5)
@@ -72,12 +72,6 @@ class Detector:
       head = HEADS[self.config.head](self.module.num_anchors, 1)
       out.update({(name,) + k: (p, kind) for k, (p, kind) in head.torchvision_modules(f"head.{name}").items()})
     return out
-
-
-def model_config_from_json(text: str) -> ml_collections.ConfigDict:
-  cfg = default_model_config()
-  cfg.update(json.loads(text))
-  return cfg
 
 
 def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None) -> Detector:

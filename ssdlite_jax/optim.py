@@ -1,0 +1,87 @@
+"""Optimizers and learning-rate schedules of torchvision's SSDlite recipe (references/detection).
+
+Config fields (`ml_collections.ConfigDict`, defaults from `default_optim_config()`):
+  optimizer: 'sgd' (torch SGD: momentum, no Nesterov, coupled L2 decay on every parameter, BN and
+    biases included) or 'adamw' (optax.adamw, decoupled decay, optax's default betas and eps).
+  learning_rate: base LR for `base_batch_size` images per step (0.15).
+  base_batch_size: the batch `learning_rate` is quoted for (192 = 8 GPUs x 24).
+  batch_size: global batch per optimizer step; the LR is scaled by batch_size / base_batch_size.
+  momentum: SGD momentum (0.9); unused by AdamW.
+  weight_decay: SGD L2 coefficient / AdamW decoupled decay (4e-5).
+  num_epochs: cosine period T in epochs; the LR reaches 0 at epoch T (660).
+  warmup_iters: warmup length cap in steps (1000); the warmup lasts min(warmup_iters,
+    steps_per_epoch - 1) steps of epoch 0; 0 disables it.
+  warmup_factor: LR multiplier at step 0 of the warmup (0.001).
+  cosine_per_step: False = torchvision's cosine stepped once per epoch (LR constant within an
+    epoch); True = cosine evaluated at every step.
+"""
+
+import math
+
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def default_optim_config():
+  """torchvision's SSDlite320 COCO recipe (8 x 24 images, SGD, 660 epochs)."""
+  return ml_collections.ConfigDict(dict(
+      optimizer="sgd",
+      learning_rate=0.15,
+      base_batch_size=192,
+      batch_size=192,
+      momentum=0.9,
+      weight_decay=4e-5,
+      num_epochs=660,
+      warmup_iters=1000,
+      warmup_factor=0.001,
+      cosine_per_step=False,
+  ))
+
+
+def learning_rate_schedule(config, steps_per_epoch):
+  """optax schedule: optimizer step (int, 0-based) -> float32 LR.
+
+  lr(s) = base · warmup(s) · cosine(s), base = learning_rate · batch_size / base_batch_size:
+  warmup(s) = f + (1 - f) · min(s, W) / W with W = min(warmup_iters, steps_per_epoch - 1) (torch
+  LinearLR stepped per iteration in epoch 0); cosine = (1 + cos(pi · e / num_epochs)) / 2 with
+  e = s // steps_per_epoch (CosineAnnealingLR stepped after each epoch), or e = s / steps_per_epoch
+  when cosine_per_step. This closed form equals torch's chained recursive schedulers.
+  """
+  base_lr = config.learning_rate * config.batch_size / config.base_batch_size
+  warmup = min(config.warmup_iters, steps_per_epoch - 1)
+  total_steps = config.num_epochs * steps_per_epoch
+
+  def warmup_multiplier(step):
+    if warmup > 0:
+      return config.warmup_factor + (1.0 - config.warmup_factor) * jnp.minimum(step, warmup) / warmup
+    # One-step epochs: torch's LinearLR(total_iters=0) applies the start factor and never lifts it.
+    return config.warmup_factor if config.warmup_iters > 0 else 1.0
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.int32)
+    if config.cosine_per_step:
+      remaining = (total_steps - step) / total_steps
+    else:
+      remaining = (config.num_epochs - step // steps_per_epoch) / config.num_epochs
+    # (1 + cos(pi t)) / 2 = sin^2(pi (1 - t) / 2): keeps float32 relative accuracy as the LR nears 0.
+    cosine = jnp.sin(0.5 * math.pi * remaining) ** 2
+    return (base_lr * warmup_multiplier(step) * cosine).astype(jnp.float32)
+
+  return schedule
+
+
+def make_optimizer(config, steps_per_epoch):
+  """(optax.GradientTransformation, schedule) for `config` (see the module docstring)."""
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  if config.optimizer == "sgd":
+    tx = optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.trace(decay=config.momentum, nesterov=False),
+        optax.scale_by_learning_rate(schedule),
+    )
+  elif config.optimizer == "adamw":
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+  else:
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
+  return tx, schedule

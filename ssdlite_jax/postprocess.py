@@ -1,0 +1,88 @@
+"""Detection post-processing as torchvision's SSD.postprocess_detections, batched with static shapes.
+
+Per image: softmax scores; boxes decoded from every anchor and clipped to the model input; for each
+foreground class, scores > score_thresh, top `topk_candidates`; exact per-class greedy NMS (suppress
+IoU > nms_thresh); the best `detections_per_img` overall, sorted by descending score; boxes rescaled to
+the original image size.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ssdlite_jax import box_coder, boxes as box_ops
+
+
+def _pairwise_iou_row(box, boxes):
+  """IoU of [C, 4] boxes against [C, T, 4] boxes -> [C, T] (torchvision's NMS kernel formula)."""
+  area = box_ops.box_area(box)[:, None]
+  areas = box_ops.box_area(boxes)
+  lt = jnp.maximum(box[:, None, :2], boxes[..., :2])
+  rb = jnp.minimum(box[:, None, 2:], boxes[..., 2:])
+  wh = jnp.maximum(rb - lt, 0.0)
+  inter = wh[..., 0] * wh[..., 1]
+  return inter / (area + areas - inter)
+
+
+def per_class_nms(boxes, valid, iou_threshold: float):
+  """Greedy NMS in each class independently.
+
+  boxes [C, T, 4] sorted by descending score within each class, valid [C, T] bool -> keep [C, T] bool.
+  """
+  num = boxes.shape[1]
+  idx = jnp.arange(num)
+
+  def body(i, state):
+    keep, suppressed = state
+    keep_i = valid[:, i] & ~suppressed[:, i]
+    iou = _pairwise_iou_row(boxes[:, i], boxes)
+    suppressed = suppressed | (keep_i[:, None] & (iou > iou_threshold) & (idx > i)[None, :])
+    return keep.at[:, i].set(keep_i), suppressed
+
+  keep, _ = lax.fori_loop(0, num, body, (jnp.zeros_like(valid), jnp.zeros_like(valid)))
+  return keep
+
+
+def _postprocess_one(cls_logits, bbox_regression, anchors, orig_size, image_size, score_thresh, nms_thresh,
+                     topk_candidates, detections_per_img, weights):
+  img_h, img_w = image_size
+  boxes = box_coder.decode(bbox_regression, anchors, weights)
+  boxes = box_ops.clip_boxes(boxes, img_h, img_w)
+  scores = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)[:, 1:].T           # [C, A]
+  masked = jnp.where(scores > score_thresh, scores, -jnp.inf)
+  k = min(topk_candidates, masked.shape[1])
+  cand_scores, cand_idx = lax.top_k(masked, k)                                        # [C, k]
+  cand_valid = cand_scores > -jnp.inf
+  cand_boxes = boxes[cand_idx]                                                         # [C, k, 4]
+  keep = per_class_nms(cand_boxes, cand_valid, nms_thresh)
+  flat_scores = jnp.where(keep, cand_scores, -jnp.inf).reshape(-1)
+  d = min(detections_per_img, flat_scores.shape[0])
+  out_scores, order = lax.top_k(flat_scores, d)
+  out_boxes = cand_boxes.reshape(-1, 4)[order]
+  labels = (order // k + 1).astype(jnp.int32)
+  orig_h, orig_w = orig_size[0].astype(jnp.float32), orig_size[1].astype(jnp.float32)
+  ratio = jnp.stack([orig_w / img_w, orig_h / img_h] * 2)
+  out_valid = out_scores > -jnp.inf
+  return {
+      "boxes": jnp.where(out_valid[:, None], out_boxes * ratio, 0.0),
+      "scores": jnp.where(out_valid, out_scores, 0.0),
+      "labels": jnp.where(out_valid, labels, 0),
+      "valid": out_valid,
+  }
+
+
+def postprocess(cls_logits, bbox_regression, anchors, orig_sizes, image_size, score_thresh=0.001,
+                nms_thresh=0.55, topk_candidates=300, detections_per_img=300,
+                weights=box_coder.DEFAULT_WEIGHTS):
+  """Batched detections from head outputs.
+
+  cls_logits [B, A, K], bbox_regression [B, A, 4], anchors [A, 4] xyxy px of the (H, W) = image_size model
+  input, orig_sizes [B, 2] (height, width) -> dict of boxes [B, D, 4] xyxy original pixels, scores [B, D],
+  labels [B, D] int32, valid [B, D] bool (D = detections_per_img; invalid slots are zero), sorted by score.
+  """
+  fn = functools.partial(_postprocess_one, anchors=anchors, image_size=image_size, score_thresh=score_thresh,
+                         nms_thresh=nms_thresh, topk_candidates=topk_candidates,
+                         detections_per_img=detections_per_img, weights=weights)
+  return jax.vmap(fn)(cls_logits, bbox_regression, orig_size=orig_sizes)
