@@ -60,23 +60,22 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], detector: Detector,
   """Flax variables {"params", "batch_stats"} from a torchvision state_dict (numpy arrays).
 
   Missing, unexpected or mis-shaped keys raise a ValueError naming every offending key (both shapes).
-  With `skip_mismatched` (fine-tuning to another num_classes), keys that are missing or mis-shaped keep a
-  fresh initialisation from `rng`; returns (variables, skipped keys) in that case.
+  With `skip_mismatched` (fine-tuning to another num_classes), tensors that are missing or mis-shaped keep a
+  fresh initialisation from `rng` and unexpected keys are ignored; returns (variables, problems) then, one
+  line per skipped key.
   """
   abstract = flax.traverse_util.flatten_dict(_abstract_variables(detector))
   entries = key_map(detector)
   expected = {torch_key for _, _, torch_key, _ in entries}
   problems = [f"unexpected key {k} {tuple(np.shape(v))}" for k, v in state_dict.items() if k not in expected]
-  flat, skipped = {}, []
+  flat = {}
   for coll, path, torch_key, is_kernel in entries:
     want = abstract[(coll,) + path].shape
     if torch_key not in state_dict:
-      skipped.append(torch_key)
       problems.append(f"missing key {torch_key} (expected shape {_torch_shape(want, is_kernel)})")
       continue
     value = _to_flax_leaf(np.asarray(state_dict[torch_key]), is_kernel, torch_key)
     if value.shape != want:
-      skipped.append(torch_key)
       problems.append(f"shape mismatch for {torch_key}: checkpoint {tuple(state_dict[torch_key].shape)}, "
                       f"model {_torch_shape(want, is_kernel)}")
       continue
@@ -87,7 +86,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], detector: Detector,
     return flax.traverse_util.unflatten_dict(flat)
   fresh = flax.traverse_util.flatten_dict(detector.init(rng if rng is not None else jax.random.key(0)))
   merged = {k: flat.get(k, np.asarray(v)) for k, v in fresh.items()}
-  return flax.traverse_util.unflatten_dict(merged), skipped
+  return flax.traverse_util.unflatten_dict(merged), problems
 
 
 def _torch_shape(flax_shape, is_kernel):

@@ -3,6 +3,12 @@
 import importlib
 import os
 
+try:  # torch/torchvision must be loaded before TensorFlow: the reverse order segfaults (torch 2.14 + TF 2.21)
+  import torch  # noqa: F401
+  import torchvision  # noqa: F401
+except ImportError:
+  pass
+
 import jax
 import pytest
 

@@ -1,0 +1,215 @@
+"""tf.data input pipelines: deterministic, resumable training batches and padded evaluation batches.
+
+Batches are dicts of numpy arrays (B = per-process batch = global_batch_size // process_count):
+  image     float32 [B, H, W, 3] RGB in [0, 1], resized to image_size (H, W)
+  boxes     float32 [B, max_boxes, 4] xyxy pixels of the resized image;  labels int32 [B, max_boxes]
+  mask      bool [B, max_boxes], True for real boxes
+  image_id  int64 [B] (-1 for eval padding);  orig_size int32 [B, 2] (height, width) of the stored image
+  valid     bool [B], eval only: False for the padding examples that complete the last batch
+
+Training order: process p reads its `tfds.even_splits` share (as `tfds.split_for_jax_process`), keeps images
+with a usable annotation (torchvision's rule), and streams epochs e = 0, 1, ... each shuffled with a seed derived
+from (seed, e); augmentation draws from a stateless seed of (seed, e, image_id). Batch k is therefore a pure
+function of (config, seed, process, k): `start_step=k` resumes there, after one annotation-only counting pass
+over the process's share and a skip of under one epoch of undecoded records.
+"""
+
+import logging
+import math
+import os
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ssdlite_jax.data import augment, cleaning, sources
+
+_EPOCHS = 1 << 40  # "forever"
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Defaults of `config.data`.
+
+  name: 'synthetic' | 'coco_folder' | 'coco/2017'.
+  data_dir: TFDS data dir for prepared data (and the generated synthetic folder).
+  manual_dir: coco/2017 only, the folder with the original zips (train2017.zip, val2017.zip, test2017.zip,
+    annotations_trainval2017.zip, image_info_test2017.zip); empty when already prepared.
+  root, train_ann, val_ann, train_images, val_images: coco_folder only; jsons and image dirs relative to root
+    (image dir defaults to root/<json stem without 'instances_'>).
+  label_mode: coco_folder / synthetic: 'contiguous' (labels 1..N in category-id order, 0 = background) or
+    'category_id' (label = raw category id, num_classes = max id + 1). coco/2017 always uses category ids 1..90.
+  eval_gt_json: COCO json to evaluate against; default: the val json (folders) or, for coco/2017, one written
+    from TFDS (pass the official instances_val2017.json for exact areas).
+  synthetic_seed, synthetic_num_train, synthetic_num_val: the embedded synthetic dataset.
+  augmentation: 'ssdlite' | 'ssd' | 'none' (training; evaluation never augments).
+  max_boxes: boxes per image in a batch; an image with more is truncated with a logged warning.
+  shuffle_buffer: examples (undecoded) in the per-epoch shuffle buffer.
+  num_parallel_calls: decode/augment parallelism (-1 = tf.data.AUTOTUNE).
+  prefetch: batches prefetched.
+  """
+  return ml_collections.ConfigDict({
+    "name": "synthetic",
+    "data_dir": "~/tensorflow_datasets",
+    "manual_dir": "",
+    "root": "",
+    "train_ann": "",
+    "val_ann": "",
+    "train_images": "",
+    "val_images": "",
+    "label_mode": "contiguous",
+    "eval_gt_json": "",
+    "synthetic_seed": 0,
+    "synthetic_num_train": 1000,
+    "synthetic_num_val": 100,
+    "augmentation": "ssdlite",
+    "max_boxes": 100,
+    "shuffle_buffer": 2048,
+    "num_parallel_calls": -1,
+    "prefetch": 2,
+  })
+
+
+def _setup(cfg):
+  """Keeps TF off accelerators and opens the source (data_dir expanded)."""
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # already initialised, or no such device type
+      pass
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.data_dir = os.path.expanduser(cfg.data_dir)
+  return cfg, sources.open_source(cfg)
+
+
+def dataset_info(cfg) -> sources.DatasetInfo:
+  """num_classes, class_names, label_to_category_id and the eval ground-truth json (prepares the data)."""
+  return _setup(cfg)[1].info
+
+
+def _process(process_index, process_count, global_batch_size):
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
+  return process_index, process_count, global_batch_size // process_count
+
+
+def _read(source, split):
+  return source.builder.as_dataset(split=split, shuffle_files=False,
+                                   decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _example(source, ex, kind, size, max_boxes, seed):
+  """Decodes, cleans, augments, resizes and pads one TFDS example to the batch format (+ '_num_boxes')."""
+  image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
+  orig_size = tf.shape(image)[:2]
+  bbox_xywh, labels, is_crowd = source.annotations(ex)
+  boxes, labels = cleaning.clean_boxes(bbox_xywh, labels, is_crowd, orig_size[0], orig_size[1])
+  image, boxes, labels = augment.augment(image, boxes, labels, seed, kind, size)
+  num = tf.shape(boxes)[0]
+  kept = tf.minimum(num, max_boxes)
+  image.set_shape(list(size) + [3])
+  return {
+    "image": image,
+    "boxes": tf.ensure_shape(tf.pad(boxes[:kept], [[0, max_boxes - kept], [0, 0]]), [max_boxes, 4]),
+    "labels": tf.ensure_shape(tf.pad(labels[:kept], [[0, max_boxes - kept]]), [max_boxes]),
+    "mask": tf.range(max_boxes) < kept,
+    "image_id": ex["image/id"],
+    "orig_size": orig_size,
+    "_num_boxes": num,
+  }
+
+
+def _numpy_batches(ds, max_boxes):
+  """Yields numpy batches; warns (count and image id) for each image that had more than max_boxes boxes."""
+  for batch in tfds.as_numpy(ds):
+    num = batch.pop("_num_boxes")
+    for i in np.flatnonzero(num > max_boxes):
+      logging.warning("image id %d has %d boxes, more than max_boxes=%d: kept the first %d",
+                      batch["image_id"][i], num[i], max_boxes, max_boxes)
+    yield batch
+
+
+def _options():
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
+def _parallel(cfg):
+  return tf.data.AUTOTUNE if cfg.num_parallel_calls < 0 else cfg.num_parallel_calls
+
+
+def create_train_dataset(cfg, *, global_batch_size, image_size, seed, process_index=None,
+                         process_count=None, start_step=0):
+  """Infinite iterator of training batches of this process; the first one is batch `start_step`.
+
+  image_size (h, w) of the model input; seed fixes the order and the augmentation.
+  """
+  cfg, source = _setup(cfg)
+  index, count, batch = _process(process_index, process_count, global_batch_size)
+  size = tuple(int(s) for s in image_size)
+  split = tfds.even_splits(source.info.train_split, n=count)[index]
+  base = _read(source, split).filter(lambda ex: cleaning.has_usable_annotation(source.annotations(ex)[0]))
+  first_epoch, offset = 0, 0
+  if start_step:
+    epoch_size = int(base.reduce(np.int64(0), lambda n, _: n + 1))
+    first_epoch, offset = divmod(start_step * batch, epoch_size)
+
+  def epoch(e):
+    epoch_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), e)
+    shuffle_seed = tf.random.stateless_uniform([], epoch_seed, None, None, tf.int64)
+    return base.shuffle(cfg.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False).map(
+      lambda ex: (epoch_seed, ex))
+
+  def example(epoch_seed, ex):
+    aug_seed = tf.random.experimental.stateless_fold_in(epoch_seed, ex["image/id"])
+    return _example(source, ex, cfg.augmentation, size, cfg.max_boxes, aug_seed)
+
+  ds = tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch).skip(offset)
+  ds = ds.map(example, num_parallel_calls=_parallel(cfg), deterministic=True)
+  ds = ds.batch(batch, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
+  return _numpy_batches(ds, cfg.max_boxes)
+
+
+class _Batches:
+  """Re-iterable eval batches; len() is the number of batches (the same on every process)."""
+
+  def __init__(self, ds, num_batches, max_boxes):
+    self._ds, self._num_batches, self._max_boxes = ds, num_batches, max_boxes
+
+  def __iter__(self):
+    return _numpy_batches(self._ds, self._max_boxes)
+
+  def __len__(self):
+    return self._num_batches
+
+
+def create_eval_dataset(cfg, *, global_batch_size, image_size, process_index=None, process_count=None):
+  """(iterable of eval batches of this process, num_batches): every image of the eval split exactly once
+  over all processes, in the prepared (TFDS) order, the last batch padded with valid=False examples."""
+  cfg, source = _setup(cfg)
+  index, count, batch = _process(process_index, process_count, global_batch_size)
+  size = tuple(int(s) for s in image_size)
+  splits = tfds.even_splits(source.info.eval_split, n=count)
+  sizes = [source.builder.info.splits[s].num_examples for s in splits]
+  num_batches = math.ceil(max(sizes) / batch)
+  zero_seed = tf.zeros([2], tf.int64)
+  ds = _read(source, splits[index]).map(
+    lambda ex: {**_example(source, ex, "none", size, cfg.max_boxes, zero_seed), "valid": True},
+    num_parallel_calls=_parallel(cfg), deterministic=True)
+  pad = {
+    "image": tf.zeros(size + (3,), tf.float32),
+    "boxes": tf.zeros([cfg.max_boxes, 4], tf.float32),
+    "labels": tf.zeros([cfg.max_boxes], tf.int32),
+    "mask": tf.zeros([cfg.max_boxes], tf.bool),
+    "image_id": tf.constant(-1, tf.int64),
+    "orig_size": tf.zeros([2], tf.int32),
+    "_num_boxes": tf.constant(0, tf.int32),
+    "valid": tf.constant(False),
+  }
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(num_batches * batch - sizes[index]))
+  ds = ds.batch(batch).prefetch(cfg.prefetch).with_options(_options())
+  return _Batches(ds, num_batches, cfg.max_boxes), num_batches

@@ -1,0 +1,146 @@
+"""Weight porting both ways through files and the CLIs, error reporting, init, predict.py."""
+
+import json
+import os
+import pickle
+import re
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import port_weights
+import predict
+from ssdlite_jax import checkpoint, porting
+from ssdlite_jax.inference import Predictor, to_rgb_uint8
+from ssdlite_jax.models import build_model, default_model_config
+from tests.conftest import import_or_skip
+from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
+
+
+@pytest.fixture(scope="module")
+def torch_model():
+  return random_torchvision_ssdlite(seed=5)
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(torch_model, tmp_path_factory):
+  torch = import_or_skip("torch")
+  tmp = tmp_path_factory.mktemp("port")
+  torch.save(torch_model.state_dict(), tmp / "in.pth")
+  port_weights.main(["to-flax", "--torch", str(tmp / "in.pth"), "--out", str(tmp / "ckpt")])
+  return tmp / "ckpt"
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_round_trip_through_files_is_exact(torch_model, ckpt_dir, tmp_path, fmt):
+  torch = import_or_skip("torch")
+  torchvision = import_or_skip("torchvision")
+  out = tmp_path / f"out.{fmt}"
+  port_weights.main(["to-torch", "--checkpoint", str(ckpt_dir), "--out", str(out)])
+  fresh = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
+  fresh.load_state_dict({k: torch.from_numpy(v) for k, v in porting.load_state_dict(str(out)).items()}, strict=True)
+  ref = torch_model.state_dict()
+  got = fresh.state_dict()
+  assert list(got) == list(ref) and len(ref) == 476
+  for k in ref:
+    assert got[k].dtype == ref[k].dtype, k
+    assert torch.equal(got[k], ref[k]), k
+
+
+def test_checkpoint_holds_model_config(ckpt_dir):
+  variables, cfg, step = checkpoint.load_variables(str(ckpt_dir))
+  assert step == 0 and cfg.num_classes == 91
+  assert variables["batch_stats"]["backbone"]["stem"]["bn"]["num_batches_tracked"].dtype == np.int32
+
+
+def test_mismatched_keys_are_all_named(torch_model):
+  det = build_model(default_model_config())
+  sd = state_dict_numpy(torch_model)
+  sd.pop("backbone.extra.0.1.1.running_var")
+  sd["head.regression_head.module_list.0.1.weight"] = np.zeros((24, 671, 1, 1), np.float32)
+  sd["backbone.features.99.weight"] = np.zeros(3, np.float32)
+  with pytest.raises(ValueError) as e:
+    porting.torch_to_flax(sd, det)
+  msg = str(e.value)
+  assert "missing key backbone.extra.0.1.1.running_var (expected shape (256,))" in msg
+  assert ("shape mismatch for head.regression_head.module_list.0.1.weight: checkpoint (24, 671, 1, 1), "
+          "model (24, 672, 1, 1)") in msg
+  assert "unexpected key backbone.features.99.weight (3,)" in msg
+
+
+def test_fine_tune_to_other_num_classes(torch_model):
+  cfg = default_model_config()
+  cfg.num_classes = 4
+  det = build_model(cfg)
+  sd = state_dict_numpy(torch_model)
+  variables, problems = porting.torch_to_flax(sd, det, skip_mismatched=True, rng=jax.random.key(1))
+  head_proj = re.compile(r"head\.classification_head\.module_list\.\d\.1\.(weight|bias)")
+  assert len(problems) == 12 and all(head_proj.search(p) for p in problems)
+  back = porting.flax_to_torch(variables, det)
+  for k, v in sd.items():
+    if head_proj.fullmatch(k):
+      assert back[k].shape[0] == 6 * 4
+    else:
+      np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_code_carrying_pickle_is_refused(tmp_path):
+  import_or_skip("torch")
+  marker = tmp_path / "pwned"
+
+  class Evil:
+    def __reduce__(self):
+      return (os.system, (f"touch {marker}",))
+
+  path = tmp_path / "evil.pth"
+  with open(path, "wb") as f:
+    pickle.dump({"backbone.x": Evil()}, f)
+  with pytest.raises(ValueError, match="evil.pth: refused"):
+    porting.load_state_dict(str(path))
+  assert not marker.exists()
+
+
+def test_from_scratch_init_matches_torchvision_recipe():
+  det = build_model(default_model_config())
+  flat = porting.flax_to_torch(det.init(jax.random.key(0)), det)
+  kernels = [v for k, v in flat.items() if v.ndim == 4]
+  assert len(kernels) == 98
+  allw = np.concatenate([k.ravel() for k in kernels])
+  assert abs(allw.mean()) < 1e-3 and abs(allw.std() - 0.03) < 3e-4
+  for k, v in flat.items():
+    if k.endswith("running_var") or (k.endswith(".1.weight") and v.ndim == 1):
+      assert np.all(v == 1), k
+    elif v.ndim == 1:  # BN bias, running_mean, conv biases
+      assert np.all(v == 0), k
+
+
+def test_image_conversion():
+  gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+  np.testing.assert_array_equal(to_rgb_uint8(gray), np.repeat(gray[:, :, None], 3, 2))
+  rgba = np.random.RandomState(0).randint(0, 256, (3, 4, 4)).astype(np.uint8)
+  np.testing.assert_array_equal(to_rgb_uint8(rgba), rgba[:, :, :3])
+  with pytest.raises(ValueError, match="img: expected a uint8"):
+    to_rgb_uint8(np.zeros((3, 4, 3), np.float32), "img")
+  with pytest.raises(ValueError, match="got shape"):
+    to_rgb_uint8(np.zeros((3, 4, 2), np.uint8))
+
+
+def test_predict_cli(ckpt_dir, torch_model, tmp_path):
+  torch = import_or_skip("torch")
+  img = (smooth_images(1, 240, 300, seed=3)[0] * 255).round().astype(np.uint8)
+  Image.fromarray(img).save(tmp_path / "a.png")
+  (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+  with pytest.raises(SystemExit, match="bad.jpg: cannot read image"):
+    predict.main(["--checkpoint", str(ckpt_dir), "--output", str(tmp_path / "d.json"),
+                  str(tmp_path / "a.png"), str(tmp_path / "bad.jpg")])
+  predict.main(["--checkpoint", str(ckpt_dir), "--output", str(tmp_path / "d.json"), "--skip-unreadable",
+                "--draw", str(tmp_path / "drawn"), "--min-score", "0.0",
+                str(tmp_path / "a.png"), str(tmp_path / "bad.jpg")])
+  records = json.loads((tmp_path / "d.json").read_text())
+  assert [r["image"] for r in records] == [str(tmp_path / "a.png")]
+  with torch.no_grad():
+    ref = torch_model([torch.from_numpy(img).permute(2, 0, 1).float() / 255])[0]
+  np.testing.assert_allclose(records[0]["scores"][:50], ref["scores"][:50].numpy(), atol=1e-5)
+  assert Image.open(tmp_path / "drawn" / "a.jpg").size == (300, 240)
