@@ -14,7 +14,9 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
+
+from ssdlite_jax.visualize import draw_detections
 
 
 def read_image(path: str) -> np.ndarray:
@@ -25,20 +27,6 @@ def read_image(path: str) -> np.ndarray:
       return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"{path}: cannot read image ({e})") from None
-
-
-def draw_detections(image: np.ndarray, det, class_names, min_score: float) -> Image.Image:
-  """A PIL copy of `image` with the detections scoring >= min_score drawn on it."""
-  out = Image.fromarray(image)
-  draw = ImageDraw.Draw(out)
-  for box, score, label in zip(det["boxes"], det["scores"], det["labels"]):
-    if score < min_score:
-      continue
-    name = class_names[label] if 0 <= label < len(class_names) else str(label)
-    color = tuple(int(c) for c in np.random.RandomState(int(label)).randint(64, 256, 3))
-    draw.rectangle([float(v) for v in box], outline=color, width=2)
-    draw.text((float(box[0]) + 3, float(box[1]) + 2), f"{name} {score:.2f}", fill=color)
-  return out
 
 
 def main(argv=None):

@@ -49,11 +49,7 @@ class Predictor:
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
     self.canvas_multiple = canvas_multiple
-    cfg = detector.config
-    self._detect = jax.jit(functools.partial(
-        _detect, detector=detector, score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh,
-        topk_candidates=cfg.topk_candidates, detections_per_img=cfg.detections_per_img,
-        weights=tuple(cfg.box_coder_weights)))
+    self._detect = jax.jit(functools.partial(_detect, detector=detector, **postprocess_kwargs(detector)))
 
   @classmethod
   def from_torch(cls, path: str, num_classes: int = 91, model_config=None, **kwargs) -> "Predictor":
@@ -107,6 +103,19 @@ class Predictor:
 def _detect(variables, canvas, taps_y, taps_x, orig_sizes, *, detector, **post_kwargs):
   """uint8 canvas [B, Hc, Wc, 3] -> padded detections (see postprocess.postprocess)."""
   images = preprocess.resize_batch(canvas, taps_y, taps_x)
+  return detect_resized(variables, images, orig_sizes, detector=detector, **post_kwargs)
+
+
+def postprocess_kwargs(detector: Detector) -> Dict:
+  """The post-processing settings of a detector's config, as keyword arguments of postprocess.postprocess."""
+  cfg = detector.config
+  return dict(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, topk_candidates=cfg.topk_candidates,
+              detections_per_img=cfg.detections_per_img, weights=tuple(cfg.box_coder_weights))
+
+
+def detect_resized(variables, images, orig_sizes, *, detector, **post_kwargs):
+  """float32 [B, h, w, 3] images in [0, 1] already resized to the model size, orig_sizes [B, 2] (h, w) ->
+  padded detections in original pixels (see postprocess.postprocess)."""
   out = detector.module.apply(variables, images, train=False)
   return postprocess.postprocess(out["cls_logits"], out["bbox_regression"], jnp.asarray(detector.anchors),
                                  orig_sizes, detector.image_size, **post_kwargs)

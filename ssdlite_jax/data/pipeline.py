@@ -87,6 +87,20 @@ def dataset_info(cfg) -> sources.DatasetInfo:
   return _setup(cfg)[1].info
 
 
+def num_train_examples(cfg) -> int:
+  """Examples in the prepared train split (TFDS metadata; before torchvision's no-annotation filter)."""
+  source = _setup(cfg)[1]
+  return source.builder.info.splits[source.info.train_split].num_examples
+
+
+def eval_images(cfg, count: int) -> list:
+  """The first `count` eval images, decoded as H x W x 3 uint8 RGB at their original size."""
+  source = _setup(cfg)[1]
+  ds = _read(source, source.info.eval_split).take(count).map(
+    lambda ex: tf.io.decode_image(ex["image"], channels=3, expand_animations=False))
+  return list(tfds.as_numpy(ds))
+
+
 def _process(process_index, process_count, global_batch_size):
   if process_index is None or process_count is None:
     import jax

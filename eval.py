@@ -1,0 +1,103 @@
+"""COCO evaluation of a checkpoint or of torchvision weights on a config's eval split.
+
+  python eval.py --config configs/ssdlite320.py --workdir runs/coco [--step N]
+  python eval.py --config configs/ssdlite320.py --checkpoint runs/coco/checkpoints --out eval_out
+  python eval.py --config configs/ssdlite320.py --torch-weights ssdlite320_mobilenet_v3_large_coco-a79551df.pth \
+      --config.data.manual_dir=/data/coco_zips
+
+The model comes from the checkpoint's own model config (--workdir: WORKDIR/checkpoints; --checkpoint: that
+directory), or from config.model with --torch-weights. Data: config.data's eval split at global batch
+config.eval_batch_size. Prints COCOeval's summary and writes detections.json (COCO results) and metrics.json to
+--out (default WORKDIR/eval, else ./eval_out).
+"""
+
+try:  # torch (read .pth weights) must be imported before TensorFlow (the config imports it): else a segfault
+  import torch  # noqa: F401
+except ImportError:
+  pass
+
+import os
+import sys
+from typing import Dict, Optional
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (checkpoints in WORKDIR/checkpoints)")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "orbax checkpoint directory")
+_TORCH_WEIGHTS = flags.DEFINE_string("torch-weights", None, "torchvision state_dict (.pth / .safetensors)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_OUT = flags.DEFINE_string("out", None, "output directory (default: WORKDIR/eval, else ./eval_out)")
+
+
+def load_model(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] = None,
+               torch_weights: Optional[str] = None, step: Optional[int] = None):
+  """(detector, variables, step or None) from exactly one of workdir / checkpoint_dir / torch_weights."""
+  from ssdlite_jax import checkpoint, porting
+  from ssdlite_jax.models import build_model
+
+  given = [n for n, v in (("workdir", workdir), ("checkpoint", checkpoint_dir), ("torch-weights", torch_weights))
+           if v]
+  if len(given) != 1:
+    raise ValueError(f"give exactly one of --workdir, --checkpoint, --torch-weights (got {given or 'none'})")
+  if torch_weights:
+    if step is not None:
+      raise ValueError("--step applies to checkpoints, not to --torch-weights")
+    detector = build_model(config.model)
+    return detector, porting.load_torchvision_weights(torch_weights, detector), None
+  ckpt_dir = checkpoint_dir or os.path.join(workdir, "checkpoints")
+  variables, model_config, step = checkpoint.load_variables(ckpt_dir, step)
+  return build_model(model_config), variables, step
+
+
+def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] = None,
+        torch_weights: Optional[str] = None, step: Optional[int] = None,
+        out_dir: Optional[str] = None) -> Dict[str, float]:
+  """Evaluates and returns the 12 COCO metrics (see ssdlite_jax.evaluation); ValueError on bad arguments."""
+  import jax
+  from ssdlite_jax import evaluation
+  from ssdlite_jax.data import pipeline
+
+  info = pipeline.dataset_info(config.data)
+
+  def check_classes(model_classes):
+    if info.num_classes != model_classes:
+      raise ValueError(
+          f"the dataset has num_classes={info.num_classes} (config.data: name={config.data.name!r}, "
+          f"label_mode={config.data.label_mode!r}) but the model has {model_classes}; evaluate on the data "
+          "the model was trained for (with --torch-weights: set --config.model.num_classes)")
+
+  if torch_weights and not (workdir or checkpoint_dir):
+    check_classes(config.model.num_classes)   # before reading the weights: a clearer error than shape mismatches
+  detector, variables, step = load_model(config, workdir=workdir, checkpoint_dir=checkpoint_dir,
+                                         torch_weights=torch_weights, step=step)
+  check_classes(detector.config.num_classes)
+  if out_dir is None:
+    out_dir = os.path.join(workdir, "eval") if workdir else "eval_out"
+  batches, num_batches = pipeline.create_eval_dataset(
+      config.data, global_batch_size=config.eval_batch_size, image_size=detector.image_size)
+  source = torch_weights or f"checkpoint step {step}"
+  print(f"evaluating {source} on {config.data.name} ({num_batches} batches of {config.eval_batch_size})",
+        flush=True)
+  metrics = evaluation.evaluate(evaluation.make_detect_fn(detector), variables, batches,
+                                info.label_to_category_id, info.gt_json, out_dir=out_dir)
+  if jax.process_index() == 0:
+    print(f"wrote {out_dir}/detections.json and {out_dir}/metrics.json", flush=True)
+  return metrics
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required")
+  try:
+    run(_CONFIG.value, workdir=_WORKDIR.value, checkpoint_dir=_CHECKPOINT.value,
+        torch_weights=_TORCH_WEIGHTS.value, step=_STEP.value, out_dir=_OUT.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,159 @@
+"""COCO bbox evaluation with pycocotools, as torchvision's references/detection CocoEvaluator.
+
+    detect_fn = make_detect_fn(detector)
+    batches, _ = pipeline.create_eval_dataset(cfg.data, global_batch_size=..., image_size=detector.image_size)
+    metrics = evaluate(detect_fn, variables, batches, info.label_to_category_id, info.gt_json, out_dir="eval")
+
+Detections (padded, on device) -> COCO results {"image_id", "category_id", "bbox": [x, y, w, h] original
+pixels, "score"}; model labels become the ground truth's category ids through `label_to_category_id`
+(labels mapped to -1 are dropped: COCOeval would ignore a category absent from the ground truth anyway).
+
+Multi-host: every process runs its own shard of the eval batches; the padded detections of all processes are
+gathered to every process with `process_allgather`, process 0 runs COCOeval (and writes the files), and the
+12 metrics are broadcast, so every process returns the same dict.
+"""
+
+import contextlib
+import functools
+import io
+import json
+import logging
+import os
+from typing import Callable, Dict, List, Optional
+
+import jax
+import numpy as np
+
+from ssdlite_jax import inference
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def make_detect_fn(detector) -> Callable:
+  """jitted fn(variables, images float32 [B, h, w, 3] in [0, 1] at the model size, orig_sizes int32 [B, 2]
+  (h, w)) -> padded detections {boxes [B, D, 4] xyxy original px, scores, labels, valid} (postprocess)."""
+  return jax.jit(functools.partial(inference.detect_resized, detector=detector,
+                                   **inference.postprocess_kwargs(detector)))
+
+
+def _collect(detect_fn, variables, eval_batches):
+  """Runs every batch; returns host arrays image_id [N], boxes [N, D, 4], scores/labels/valid [N, D] (N = this
+  process's examples including padding, whose image_id is -1). The next batch is dispatched before the
+  previous result is fetched, so host work overlaps device work."""
+  parts, pending = [], None
+  for batch in eval_batches:
+    out = detect_fn(variables, batch["image"], batch["orig_size"])
+    ids = np.where(np.asarray(batch["valid"], bool), np.asarray(batch["image_id"], np.int64), -1)
+    if pending is not None:
+      parts.append(_fetch(*pending))
+    pending = (ids, out)
+  if pending is not None:
+    parts.append(_fetch(*pending))
+  if not parts:
+    return None
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _fetch(ids, out):
+  out = jax.device_get(out)
+  return {"image_id": ids, "boxes": np.asarray(out["boxes"], np.float32),
+          "scores": np.asarray(out["scores"], np.float32), "labels": np.asarray(out["labels"], np.int32),
+          "valid": np.asarray(out["valid"], bool)}
+
+
+def _gather(local):
+  """Concatenates every process's arrays (same shapes on all processes: same batch count and size)."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  if np.abs(local["image_id"]).max(initial=0) > np.iinfo(np.int32).max:
+    raise ValueError("multi-process evaluation gathers image ids as int32 (JAX without x64); got larger ids")
+  gathered = multihost_utils.process_allgather(local, tiled=True)
+  return {k: np.asarray(v) for k, v in gathered.items()}
+
+
+def to_coco_results(dets, label_to_category_id) -> List[Dict]:
+  """COCO results list from padded detections (image_id -1 and invalid slots skipped)."""
+  to_category = np.asarray(label_to_category_id, np.int64)
+  results = []
+  for i in np.flatnonzero(dets["image_id"] >= 0):
+    keep = dets["valid"][i]
+    labels = dets["labels"][i][keep]
+    in_range = (labels >= 0) & (labels < len(to_category))
+    cats = np.where(in_range, to_category[np.clip(labels, 0, len(to_category) - 1)], -1)
+    boxes = dets["boxes"][i][keep].astype(np.float64)
+    scores = dets["scores"][i][keep].astype(np.float64)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    image_id = int(dets["image_id"][i])
+    for box, score, cat in zip(xywh.tolist(), scores.tolist(), cats.tolist()):
+      if cat >= 0:
+        results.append({"image_id": image_id, "category_id": int(cat), "bbox": box, "score": score})
+  return results
+
+
+def coco_metrics(results: List[Dict], gt_json: str, image_ids=None) -> Dict[str, float]:
+  """Runs COCOeval (bbox) and prints what COCOeval.summarize() prints; {name: value} of the 12 stats.
+  An empty results list gives zeros (with a warning) instead of pycocotools' crash. image_ids: the images
+  to evaluate (default: all of the ground truth)."""
+  from pycocotools.coco import COCO
+  from pycocotools.cocoeval import COCOeval
+
+  if not results:
+    logging.warning("no detections: COCO metrics are all 0")
+    return {name: 0.0 for name in METRIC_NAMES}
+  with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' loading / timing chatter
+    gt = COCO(gt_json)
+    dt = gt.loadRes([dict(r) for r in results])   # loadRes mutates its input
+    coco_eval = COCOeval(gt, dt, iouType="bbox")
+    if image_ids is not None:
+      coco_eval.params.imgIds = sorted(int(i) for i in image_ids)
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+  coco_eval.summarize()
+  return {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
+
+
+def _broadcast(metrics: Optional[Dict[str, float]]) -> Dict[str, float]:
+  if jax.process_count() == 1:
+    return metrics
+  from jax.experimental import multihost_utils
+  values = np.asarray([metrics[n] for n in METRIC_NAMES] if metrics else [0.0] * len(METRIC_NAMES), np.float32)
+  values = multihost_utils.broadcast_one_to_all(values)
+  return {n: float(v) for n, v in zip(METRIC_NAMES, np.asarray(values))}
+
+
+def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: str,
+             out_dir: Optional[str] = None) -> Dict[str, float]:
+  """The 12 COCO bbox metrics (METRIC_NAMES) of the detector over eval_batches (this process's shard, as
+  pipeline.create_eval_dataset makes them: image, orig_size, image_id, valid), against gt_json.
+
+  Every process must call it (collective gather); process 0 runs COCOeval, prints its summary and, with
+  out_dir, writes out_dir/detections.json (COCO results format) and out_dir/metrics.json; all processes
+  return the same metrics. Images of gt_json that were not evaluated are logged and left out of the metrics.
+  """
+  local = _collect(detect_fn, variables, eval_batches)
+  if local is None:
+    raise ValueError("evaluate: no eval batches")
+  dets = _gather(local)
+  metrics = None
+  if jax.process_index() == 0:
+    results = to_coco_results(dets, label_to_category_id)
+    evaluated = set(int(i) for i in dets["image_id"] if i >= 0)
+    with open(gt_json) as f:
+      gt_ids = set(int(im["id"]) for im in json.load(f)["images"])
+    if evaluated - gt_ids:
+      raise ValueError(f"evaluated image ids not in {gt_json}: {sorted(evaluated - gt_ids)[:10]}")
+    image_ids = None
+    if gt_ids - evaluated:
+      logging.warning("%d images of %s were not evaluated; metrics cover the %d evaluated ones",
+                      len(gt_ids - evaluated), gt_json, len(evaluated))
+      image_ids = evaluated
+    if out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+      with open(os.path.join(out_dir, "detections.json"), "w") as f:
+        json.dump(results, f)
+    metrics = coco_metrics(results, gt_json, image_ids)
+    if out_dir:
+      with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+  return _broadcast(metrics)
