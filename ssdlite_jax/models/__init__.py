@@ -61,8 +61,12 @@ class Detector:
 
   def init(self, rng) -> Dict[str, Any]:
     """Fresh variables {"params", "batch_stats"} with torchvision's from-scratch initialisation."""
+    return dict(self._jit_init(rng))
+
+  @functools.cached_property
+  def _jit_init(self):
     x = jnp.zeros((1,) + self.image_size + (3,), jnp.float32)
-    return dict(jax.jit(functools.partial(self.module.init, train=False))(rng, x))
+    return jax.jit(lambda rng: self.module.init(rng, x, train=False))
 
   def torchvision_modules(self) -> Dict[tuple, tuple]:
     """{flax module path: (torchvision state_dict prefix, kind)} for weight porting."""

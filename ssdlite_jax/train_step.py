@@ -1,0 +1,179 @@
+"""Data-parallel training step with torchvision's DDP semantics (references/detection, 8 x 24 images).
+
+One `jax.jit(jax.shard_map(...))` over a 1-D `data` mesh: each device runs the forward pass on its
+slice of the batch, with BatchNorm statistics over its own images (or over the whole batch with
+`sync_bn`) and the multibox loss normalised by its own number of positives; gradients, losses and
+the BN running statistics are then averaged across devices with `lax.pmean`, as DDP averages
+gradients (for the float BN statistics, which DDP leaves per rank, the average is the natural single
+copy; `num_batches_tracked` is equal everywhere and stays int32). The state is replicated
+(`NamedSharding(mesh, P())`), the batch split along its leading axis (`P('data')`).
+
+A step whose mean loss or averaged-gradient norm is not finite is a no-op: the returned state is the
+input state (step, params, BN statistics and optimizer state all unchanged) and
+`metrics["finite"]` is False, so the training loop can stop with a clean last state.
+"""
+
+import os
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ssdlite_jax.losses import multibox_loss
+from ssdlite_jax.models import Detector, build_model
+
+AXIS = "data"
+BATCH_KEYS = ("image", "boxes", "labels", "mask")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Replicated training state: step (int32 scalar, updates applied), params and batch_stats (the
+  model variables), opt_state (optax state of `params`), rng (PRNG key for the training loop's own
+  randomness; the step does not consume it, the model has no dropout)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @property
+  def variables(self) -> Dict[str, Any]:
+    """{"params", "batch_stats"} as Detector.module.apply takes them."""
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize()` when this process is one of several; returns whether it did.
+
+  Call it first, before anything touches a JAX device. Detected launches: JAX_COORDINATOR_ADDRESS
+  (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), SLURM (SLURM_NTASKS > 1), Open MPI
+  (OMPI_COMM_WORLD_SIZE > 1) and multi-host Cloud TPU slices (several TPU_WORKER_HOSTNAMES); JAX
+  auto-detects the rest of the setup in each case. A single-process launch does nothing.
+  """
+  env = os.environ
+  if jax.distributed.is_initialized():
+    return False
+  # Cross-process collectives between CPU devices (tests, CPU clusters); no effect on GPU/TPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    num = env.get("JAX_NUM_PROCESSES")
+    pid = env.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=None if num is None else int(num),
+                               process_id=None if pid is None else int(pid))
+    return True
+  if (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+      or "," in env.get("TPU_WORKER_HOSTNAMES", "")):
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """1-D mesh named 'data' over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=devices)
+
+
+def shard_batch(batch: Dict[str, Any], mesh: jax.sharding.Mesh) -> Dict[str, jax.Array]:
+  """Global arrays split along axis 0 over the mesh from this process's local batch (numpy).
+
+  Each process passes its own images ([B_local, ...] per key); the global batch is their
+  concatenation in process order. B_local must be a multiple of this process's devices in the mesh.
+  """
+  sharding = NamedSharding(mesh, P(AXIS))
+  num_local = len(mesh.local_devices)
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.shape[0] % num_local:
+      raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows on this process, not a multiple "
+                       f"of its {num_local} devices in the mesh")
+    out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out
+
+
+def create_train_state(detector: Detector, tx: optax.GradientTransformation, rng,
+                       mesh: jax.sharding.Mesh, variables: Optional[Dict[str, Any]] = None) -> TrainState:
+  """Step-0 TrainState replicated over `mesh` (every process must pass the same values).
+
+  variables: {"params", "batch_stats"} (e.g. ported torchvision weights; copied, so donating the
+  state never invalidates them) or None for a fresh torchvision initialisation drawn from `rng`.
+  The optimizer state is `tx.init(params)`; state.rng is what remains of `rng` after the init draw.
+  """
+  rng, init_rng = jax.random.split(rng)
+  if variables is None:
+    variables = detector.init(init_rng)
+  state = TrainState(step=np.zeros((), np.int32), params=variables["params"],
+                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                     rng=rng)
+  return jax.device_put(state, NamedSharding(mesh, P()), may_alias=False)
+
+
+def _mean_float_stats(batch_stats):
+  """pmean of the float BN running statistics; the int32 counters are equal on every device."""
+  return jax.tree.map(
+      lambda x: x if jnp.issubdtype(x.dtype, jnp.integer) else lax.pmean(x, AXIS), batch_stats)
+
+
+def make_train_step(detector: Detector, tx: optax.GradientTransformation,
+                    schedule: Callable[[jax.Array], jax.Array], mesh: jax.sharding.Mesh,
+                    sync_bn: bool = False
+                    ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
+  """jit-compiled `step(state, batch) -> (state, metrics)`; `state` is donated.
+
+  batch: shard_batch output with "image" [B, H, W, 3] in [0, 1], "boxes" [B, M, 4] xyxy px,
+  "labels" [B, M] int32, "mask" [B, M] bool (other keys are ignored); B a multiple of the mesh size.
+  sync_bn: BN statistics over the whole batch (the model is rebuilt with bn_axis_name='data').
+  metrics (replicated scalars, left on device): loss, bbox_regression, classification (means of the
+  per-device normalised losses), num_positives (sum over devices), lr (of this update), grad_norm
+  (global norm of the averaged gradient), finite (bool; False = update skipped, see module doc).
+  """
+  module = build_model(detector.config, bn_axis_name=AXIS).module if sync_bn else detector.module
+  anchors = np.asarray(detector.anchors, np.float32)
+
+  def per_device(state, batch):
+    def loss_fn(params):
+      out, updates = module.apply({"params": params, "batch_stats": state.batch_stats},
+                                  batch["image"], train=True, mutable=["batch_stats"])
+      losses = multibox_loss(out["cls_logits"], out["bbox_regression"], anchors,
+                             batch["boxes"], batch["labels"], batch["mask"])
+      return losses["bbox_regression"] + losses["classification"], (losses, updates["batch_stats"])
+
+    # Differentiate per-device copies of the params; the explicit pmean below is DDP's all-reduce.
+    params = lax.pcast(state.params, AXIS, to="varying")
+    (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = lax.pmean(grads, AXIS)
+    if not sync_bn:
+      batch_stats = _mean_float_stats(batch_stats)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {
+        "loss": lax.pmean(loss, AXIS),
+        "bbox_regression": lax.pmean(losses["bbox_regression"], AXIS),
+        "classification": lax.pmean(losses["classification"], AXIS),
+        "num_positives": lax.psum(losses["num_positives"], AXIS),
+        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "grad_norm": optax.global_norm(grads),
+    }
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    metrics["finite"] = finite
+    new = (state.step + 1, optax.apply_updates(state.params, updates), batch_stats, opt_state)
+    old = (state.step, state.params, state.batch_stats, state.opt_state)
+    step, params, batch_stats, opt_state = jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    return state.replace(step=step, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+
+  def step(state, batch):
+    return sharded(state, {k: batch[k] for k in BATCH_KEYS})
+
+  return jax.jit(step, donate_argnums=0)
