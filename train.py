@@ -1,0 +1,251 @@
+"""Train an SSD detector.
+
+  python train.py --config configs/synthetic.py --workdir runs/synthetic
+  python train.py --config configs/ssdlite320.py --workdir runs/coco --config.batch_size=48
+
+Rerunning the same command resumes from the last checkpoint in WORKDIR/checkpoints (same step, optimizer
+state, RNG and data position). SIGTERM saves a checkpoint and exits cleanly; a non-finite loss stops
+with an error naming the step and keeps the last good checkpoint. Multi-host: launch one process per
+host (jax.distributed is initialised from JAX_COORDINATOR_ADDRESS / SLURM / TPU environments).
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# torch (used only to read .pth init weights) must be imported before TensorFlow.
+try:
+  import torch  # noqa: F401
+except ImportError:
+  pass
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow as tf
+import tqdm
+
+from ssdlite_jax import checkpoint, evaluation, porting, train_step as ts
+from ssdlite_jax.data import pipeline
+from ssdlite_jax.inference import Predictor
+from ssdlite_jax.models import build_model
+from ssdlite_jax.optim import make_optimizer
+from ssdlite_jax.visualize import draw_detections
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def initial_variables(config, detector, rng):
+  """Variables to start from: None (fresh init), a torchvision state_dict or a checkpoint (config.init_from).
+
+  A different num_classes keeps a fresh classification head (reported)."""
+  src = config.init_from
+  if not src:
+    return None
+  if os.path.isdir(src):
+    variables, src_cfg, _ = checkpoint.load_variables(src)
+    state_dict = porting.flax_to_torch(variables, build_model(src_cfg))
+  else:
+    state_dict = porting.load_state_dict(src)
+  variables, problems = porting.torch_to_flax(state_dict, detector, skip_mismatched=True, rng=rng)
+  logging.info("initialised from %s; %d tensors not loaded%s", src, len(problems),
+               "".join(f"\n  {p}" for p in problems))
+  return variables
+
+
+def checkpoint_manager(workdir, config):
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(n=config.keep_checkpoints),
+      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["AP"], reverse=True, n=1,
+                                    keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save(mngr, state, model_config, metrics=None):
+  """Saves the state as checkpoint `state.step` (async) unless that step is already saved."""
+  if int(state.step) in mngr.all_steps():
+    return
+  train_items = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+  mngr.save(int(state.step), metrics=metrics, force=True, args=ocp.args.Composite(
+      variables=ocp.args.StandardSave(state.variables),
+      model=ocp.args.JsonSave(model_config.to_dict()),
+      train=ocp.args.StandardSave(train_items)))
+
+
+def restore(mngr, state, step):
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore(abstract.variables),
+      train=ocp.args.StandardRestore({"opt_state": abstract.opt_state, "step": abstract.step,
+                                      "rng": abstract.rng})))
+  v, t = restored["variables"], restored["train"]
+  return state.replace(params=v["params"], batch_stats=v["batch_stats"], **t)
+
+
+class Logger:
+  """metrics.jsonl + TensorBoard event files in the workdir (process 0 only)."""
+
+  def __init__(self, workdir):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step, scalars, prefix):
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({"step": step, **{f"{prefix}/{k}": v for k, v in scalars.items()}}) + "\n")
+    self.jsonl.flush()
+    with self.tb.as_default():
+      for k, v in scalars.items():
+        tf.summary.scalar(f"{prefix}/{k}", v, step=step)
+    self.tb.flush()
+
+
+def run_eval(config, detector, variables, info, workdir, step):
+  batches, _ = pipeline.create_eval_dataset(config.data, global_batch_size=config.eval_batch_size,
+                                            image_size=detector.image_size)
+  return evaluation.evaluate(evaluation.make_detect_fn(detector), variables, batches,
+                             info.label_to_category_id, info.gt_json,
+                             out_dir=os.path.join(workdir, "eval", f"step_{step}"))
+
+
+def draw_val_predictions(config, detector, variables, info, out_dir, count=8):
+  """Pictures of the model's detections on the first val images (score >= 0.5)."""
+  predictor = Predictor(detector, variables)
+  images = pipeline.eval_images(config.data, count)
+  os.makedirs(out_dir, exist_ok=True)
+  for i, (image, det) in enumerate(zip(images, predictor(images))):
+    draw_detections(image, det, info.class_names, 0.5).save(os.path.join(out_dir, f"val_{i}.jpg"))
+  return out_dir
+
+
+def train(config, workdir):
+  ts.maybe_initialize_distributed()
+  os.makedirs(workdir, exist_ok=True)
+  info = pipeline.dataset_info(config.data)
+  if info.num_classes != config.model.num_classes:
+    raise ValueError(f"config.model.num_classes={config.model.num_classes} but the dataset "
+                     f"{config.data.name!r} has {info.num_classes} (incl. background); "
+                     f"set --config.model.num_classes={info.num_classes}")
+  config.model.class_names = tuple(info.class_names)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  detector = build_model(config.model)
+  mesh = ts.make_mesh()
+  if config.batch_size % mesh.size:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices")
+  steps_per_epoch = max(1, pipeline.num_train_examples(config.data) // config.batch_size)
+  total_steps = steps_per_epoch * config.num_epochs
+  if config.max_steps:
+    total_steps = min(total_steps, config.max_steps)
+  tx, schedule = make_optimizer(config.optim, steps_per_epoch)
+  rng = jax.random.key(config.seed)
+  state = ts.create_train_state(detector, tx, rng, mesh, initial_variables(config, detector, rng))
+  step_fn = ts.make_train_step(detector, tx, schedule, mesh, sync_bn=config.sync_bn)
+
+  mngr = checkpoint_manager(workdir, config)
+  if mngr.latest_step() is not None:
+    state = restore(mngr, state, mngr.latest_step())
+    logging.info("resumed from step %d", int(state.step))
+  start = int(state.step)
+  data = pipeline.create_train_dataset(config.data, global_batch_size=config.batch_size,
+                                       image_size=detector.image_size, seed=config.seed, start_step=start)
+  logger = Logger(workdir)
+  stop = {"signal": None}
+  signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+  try:
+    return _loop(config, workdir, detector, info, mesh, state, step_fn, data, mngr, logger, stop,
+                 steps_per_epoch, total_steps)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def _loop(config, workdir, detector, info, mesh, state, step_fn, data, mngr, logger, stop,
+          steps_per_epoch, total_steps):
+  """The training loop proper: steps, logging, periodic eval and checkpoints, final eval."""
+  start = int(state.step)
+  eval_every = config.eval_every_epochs * steps_per_epoch
+  bar = tqdm.tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True)
+  pending, t0, last_logged = None, time.time(), start
+  metrics = None
+  for step in range(start, total_steps):
+    batch = ts.shard_batch(next(data), mesh)
+    state, metrics = step_fn(state, batch)
+    if pending is not None:  # check the previous step while this one runs: no per-step host stall
+      check_finite(*pending)
+    done = step + 1
+    pending = (done, metrics)
+    bar.update(1)
+    if done % config.log_every_steps == 0 or done == total_steps:
+      check_finite(*pending)
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+      scalars["images_per_sec"] = (done - last_logged) * config.batch_size / (time.time() - t0)
+      t0, last_logged = time.time(), done
+      logger.write(done, scalars, "train")
+      bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2e}",
+                      img_s=f"{scalars['images_per_sec']:.1f}")
+    eval_metrics = None
+    if eval_every and done % eval_every == 0 and done != total_steps:
+      check_finite(*pending)
+      eval_metrics = run_eval(config, detector, state.variables, info, workdir, done)
+      logger.write(done, eval_metrics, "eval")
+    if done != total_steps and (done % config.checkpoint_every_steps == 0 or eval_metrics is not None):
+      check_finite(*pending)
+      save(mngr, state, config.model, eval_metrics)
+    if stop["signal"] is not None:
+      check_finite(*pending)
+      logging.warning("received signal %d: saving step %d and exiting", stop["signal"], done)
+      save(mngr, state, config.model)
+      return None
+  bar.close()
+  if pending is not None:
+    check_finite(*pending)
+  final = run_eval(config, detector, state.variables, info, workdir, int(state.step))
+  logger.write(int(state.step), final, "eval")
+  save(mngr, state, config.model, final)
+  if jax.process_index() == 0:
+    out = draw_val_predictions(config, detector, state.variables, info, os.path.join(workdir, "predictions"))
+    print(f"\nmAP@[.5:.95] = {final['AP']:.3f} at step {int(state.step)}; predictions drawn in {out}/")
+  return final
+
+
+def check_finite(step, metrics):
+  """Raises NonFiniteLoss if update number `step` (1-based) had a non-finite loss or gradient."""
+  if not bool(metrics["finite"]):
+    raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); "
+                        f"the update was skipped and the last good checkpoint is kept")
+
+
+def main(argv):
+  del argv
+  tf.config.set_visible_devices([], "GPU")
+  if not jax.config.jax_compilation_cache_dir:  # restarts and resumes skip the compiles
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/ssdlite_jax/xla"))
+  try:
+    train(FLAGS.config, FLAGS.workdir)
+  except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
