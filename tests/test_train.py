@@ -37,7 +37,7 @@ def command(env, workdir, *overrides):
           "--config.checkpoint_every_steps=2", "--config.optim.warmup_iters=0",
           # SGD (the COCO recipe's): unlike Adam it does not amplify float noise in near-zero gradients, so a
           # resumed run's parameters can be compared to an uninterrupted run's at 1e-5.
-          "--config.optim.optimizer=sgd", "--config.optim.learning_rate=0.05", "--config.optim.base_batch_size=4",
+          "--config.optim.optimizer=sgd", "--config.optim.learning_rate=0.01", "--config.optim.base_batch_size=4",
           *overrides]
 
 
@@ -71,7 +71,8 @@ def test_short_run_trains_evaluates_and_logs(full_run):
   workdir, proc = full_run
   losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, STEPS + 1))
-  assert losses[STEPS] < 0.9 * losses[1], losses
+  first, last = np.mean([losses[1], losses[2]]), np.mean([losses[s] for s in range(STEPS - 2, STEPS + 1)])
+  assert last < 0.95 * first, losses
   assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in proc.stdout
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     evals = [json.loads(line) for line in f if "eval/AP" in line]
