@@ -65,7 +65,7 @@ class Detector:
 
   @functools.cached_property
   def _jit_init(self):
-    x = jnp.zeros((1,) + self.image_size + (3,), jnp.float32)
+    x = np.zeros((1,) + self.image_size + (3,), np.float32)  # numpy: this may first run under a trace
     return jax.jit(lambda rng: self.module.init(rng, x, train=False))
 
   def torchvision_modules(self) -> Dict[tuple, tuple]:

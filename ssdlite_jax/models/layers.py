@@ -5,6 +5,7 @@ and torchvision's from-scratch init N(0, 0.03^2), zero bias. BatchNorm follows t
 including the unbiased variance in the running-statistics update.
 """
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -27,6 +28,64 @@ def _pad(kernel_size: int):
   return ((p, p), (p, p))
 
 
+# --- CPU fast paths -------------------------------------------------------------------------------
+# XLA:CPU lowers reductions over the leading axes of an NHWC tensor (per-channel sums: BatchNorm
+# statistics and their gradients, depthwise kernel gradients) to slow column reductions; a
+# matrix-vector product with a vector of ones is the same sum on the GEMM path and several times
+# faster. `channel_sum` is that sum; `batch_norm_train` and `depthwise_conv_shift` use it through
+# custom VJPs whose backward passes are written with it (and, for the depthwise input gradient, with
+# shift-and-add again).
+
+
+def channel_sum(x):
+  """Sum of x [..., C] over all but the last axis -> [C] float32, as a ones-vector GEMV."""
+  c = x.shape[-1]
+  x2 = x.reshape(-1, c).astype(jnp.float32)
+  ones = jnp.ones((x2.shape[0],), jnp.float32)
+  return lax.dot_general(ones, x2, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+  """Training-mode BatchNorm over the last axis with batch statistics (two-pass, biased variance).
+
+  x [..., C] (any float dtype; statistics in float32), scale/bias [C] -> (y in x.dtype, mean, var).
+  """
+  return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+  xf = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  # Statistics exactly as the generic path (jnp.mean; measured no slower than channel_sum here).
+  mean = jnp.mean(xf, axis=axes)
+  d = xf - mean
+  var = jnp.mean(jnp.square(d), axis=axes)
+  inv = lax.rsqrt(var + epsilon)
+  y = (d * (inv * scale) + bias).astype(x.dtype)
+  return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_train_bwd(epsilon, res, cotangents):
+  x, mean, inv, scale = res
+  gy = cotangents[0].astype(jnp.float32)
+  # The statistics outputs only feed the running averages (no gradient flows through them).
+  n = gy.size // gy.shape[-1]
+  xhat = (x.astype(jnp.float32) - mean) * inv
+  dbias = channel_sum(gy)
+  dscale = channel_sum(gy * xhat)
+  dx = (scale * inv) * (gy - dbias / n - xhat * (dscale / n))
+  return dx.astype(x.dtype), dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+def _fast_cpu_path() -> bool:
+  return jax.default_backend() == "cpu"
+
+
 class BatchNorm(nn.Module):
   """torch.nn.BatchNorm2d over the last axis: params scale/bias, batch_stats mean/var/num_batches_tracked.
 
@@ -46,12 +105,16 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     count = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
-    if train:
+    if not train:
+      inv = lax.rsqrt(ra_var.value + self.epsilon) * scale
+      return ((x.astype(jnp.float32) - ra_mean.value) * inv + bias).astype(x.dtype)
+    n = x.size // c
+    if self.axis_name is None and _fast_cpu_path():
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+      mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    else:
       xf = x.astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))
-      n = 1
-      for a in axes:
-        n *= x.shape[a]
       # Two-pass statistics as torch; with axis_name both passes are averaged across devices
       # (equal per-device batches), which equals the statistics of the concatenated batch.
       mean = jnp.mean(xf, axis=axes)
@@ -61,37 +124,97 @@ class BatchNorm(nn.Module):
       if self.axis_name is not None:
         var = lax.pmean(var, self.axis_name)
         n *= lax.axis_size(self.axis_name)
-      if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * mean
-        ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
-        count.value = count.value + 1
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    inv = lax.rsqrt(var + self.epsilon) * scale
-    y = (x.astype(jnp.float32) - mean) * inv + bias
-    return y.astype(x.dtype)
+      y = ((xf - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias).astype(x.dtype)
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean
+      ra_var.value = m * ra_var.value + (1 - m) * var * (n / max(n - 1, 1))
+      count.value = count.value + 1
+    return y
 
 
-def depthwise_conv_shift(x, kernel, stride: int, padding):
-  """Depthwise conv as a sum over the k x k taps of strided slices (fast on XLA CPU).
+def _tap_reader(xp, stride: int, out_h: int, out_w: int):
+  """read(i, j) -> the strided window xp[:, i::stride, j::stride][:, :out_h, :out_w] for traced i, j.
 
-  x [B, H, W, C], kernel [k, k, 1, C] -> [B, Ho, Wo, C]; same numerics as the grouped conv.
+  For stride > 1 the padded input is first split into its stride x stride phases, so that every window
+  is a plain dynamic_slice of one phase (windows are then read inside a fori_loop, see below).
   """
+  b, h, w, c = xp.shape
+  if stride == 1:
+    return lambda i, j: lax.dynamic_slice(xp, (0, i, j, 0), (b, out_h, out_w, c))
+  hh, ww = -(-h // stride) * stride, -(-w // stride) * stride
+  xp = jnp.pad(xp, ((0, 0), (0, hh - h), (0, ww - w), (0, 0)))
+  phases = xp.reshape(b, hh // stride, stride, ww // stride, stride, c).transpose(2, 4, 0, 1, 3, 5)
+
+  def read(i, j):
+    window = lax.dynamic_slice(phases, (i % stride, j % stride, 0, i // stride, j // stride, 0),
+                               (1, 1, b, out_h, out_w, c))
+    return window.reshape(b, out_h, out_w, c)
+  return read
+
+
+def _depthwise_shift_fwd_impl(x, kernel, stride: int, padding):
+  """Unrolled sum over the taps (XLA fuses it into one loop), in the order of the original layer."""
   k_h, k_w = kernel.shape[:2]
-  x = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
-  b, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),))
+  b, h, w, c = xp.shape
   out_h = (h - k_h) // stride + 1
   out_w = (w - k_w) // stride + 1
+  read = lambda i, j: lax.slice(xp, (0, i, j, 0),
+                                (b, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                                (1, stride, stride, 1))
   out = None
   for i in range(k_h):
     for j in range(k_w):
-      tap = lax.slice(x, (0, i, j, 0),
-                      (b, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                      (1, stride, stride, 1))
-      term = tap * kernel[i, j, 0]
+      term = read(i, j) * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv_shift(x, kernel, stride: int, padding):
+  """Depthwise conv as a sum over the k x k taps of strided windows (fast on XLA CPU).
+
+  x [B, H, W, C], kernel [k, k, 1, C] -> [B, Ho, Wo, C]; same numerics as the grouped conv.
+  The backward pass is shift-and-add as well: the input gradient is the full correlation of the
+  (stride-dilated) output gradient with the flipped kernel, the kernel gradient the per-tap channel
+  sums of input window x output gradient (as GEMVs, see channel_sum).
+  """
+  return _depthwise_shift_fwd_impl(x, kernel, stride, padding)
+
+
+def _depthwise_shift_fwd(x, kernel, stride, padding):
+  return _depthwise_shift_fwd_impl(x, kernel, stride, padding), (x, kernel)
+
+
+def _depthwise_shift_bwd(stride, padding, res, g):
+  x, kernel = res
+  (p_t, _), (p_l, _) = padding
+  k_h, k_w = kernel.shape[:2]
+  _, h, w, c = x.shape
+  _, out_h, out_w, _ = g.shape
+  if stride == 1:
+    zero = jnp.zeros((), g.dtype)
+    g_padded = lax.pad(g, zero, ((0, 0, 0), (k_h - 1 - p_t, h + p_t - out_h, 0),
+                                 (k_w - 1 - p_l, w + p_l - out_w, 0), (0, 0, 0)))
+    dx = _depthwise_shift_fwd_impl(g_padded, kernel[::-1, ::-1].astype(g.dtype), 1, ((0, 0), (0, 0)))
+  else:
+    # Strided: the transpose of the strided windows (interior-padded adds) beats a correlation over
+    # the stride-dilated gradient, which multiplies (stride^2 - 1) / stride^2 zeros.
+    dx = jax.vjp(lambda x_: _depthwise_shift_fwd_impl(x_, kernel.astype(x.dtype), stride, padding), x)[1](g)[0]
+  read = _tap_reader(jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),)), stride, out_h, out_w)
+  gf = g.astype(jnp.float32)
+
+  def body(t, dk):
+    return dk.at[t].set(channel_sum(read(t // k_w, t % k_w).astype(jnp.float32) * gf))
+  # The kernel-gradient taps run in a fori_loop: unrolled, XLA:CPU schedules the k*k window x gradient
+  # reductions badly (3-4x slower for a 5x5 layer than the same work in a loop).
+  # The initial carry is built from tap 0 so that it carries the inputs' shard_map axis types.
+  dk = lax.fori_loop(1, k_h * k_w, body, body(0, jnp.zeros((k_h * k_w, c), jnp.float32)))
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+depthwise_conv_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 def depthwise_conv_xla(x, kernel, stride: int, padding):

@@ -1,0 +1,82 @@
+"""Shared helpers for the benchmarks: timing, peak RSS, worker subprocesses, synthetic batches."""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def peak_rss_mb() -> float:
+  """High-water mark of this process's resident set (MiB; ru_maxrss is KiB on Linux)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_calls(fn, n: int, warmup: int = 1):
+  """Runs fn() warmup + n times; returns the list of the n wall times in seconds (fn must block)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def median(xs):
+  return statistics.median(xs)
+
+
+def run_worker(script: str, args, env=None):
+  """Runs `python script args` in a fresh process; returns the dict printed on its last 'RESULT ' line."""
+  cmd = [sys.executable, script] + [str(a) for a in args]
+  full_env = dict(os.environ)
+  full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+  full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if env:
+    full_env.update(env)
+  proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode != 0 or not lines:
+    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+    raise RuntimeError(f"worker {cmd} failed with exit code {proc.returncode}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def emit(result):
+  """Worker side of run_worker."""
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+def synthetic_train_batch(batch: int, size: int = 320, num_classes: int = 91, max_boxes: int = 4, seed: int = 0):
+  """Smooth random images [B, size, size, 3] float32 in [0, 1] and 1..max_boxes boxes per image.
+
+  Returns numpy (images, boxes [B, M, 4] xyxy px, labels [B, M] int32 (0 = padding), mask [B, M]).
+  """
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  low = rng.random((batch, size // 16, size // 16, 3), dtype=np.float32)
+  images = np.repeat(np.repeat(low, 16, axis=1), 16, axis=2)
+  images = np.clip(images + 0.05 * rng.standard_normal(images.shape, dtype=np.float32), 0, 1).astype(np.float32)
+  boxes = np.zeros((batch, max_boxes, 4), np.float32)
+  labels = np.zeros((batch, max_boxes), np.int32)
+  for b in range(batch):
+    n = int(rng.integers(1, max_boxes + 1))
+    for m in range(n):
+      w, h = rng.uniform(30, 200, 2)
+      x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)
+      boxes[b, m] = [x0, y0, x0 + w, y0 + h]
+      labels[b, m] = int(rng.integers(1, num_classes))
+  return images, boxes, labels, labels > 0
+
+
+def synthetic_uint8_images(batch: int, height: int = 480, width: int = 640, seed: int = 0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  low = rng.integers(0, 256, (batch, height // 16, width // 16, 3), dtype=np.uint8)
+  return np.repeat(np.repeat(low, 16, axis=1), 16, axis=2)

@@ -1,0 +1,135 @@
+"""End-to-end inference: our Predictor vs torchvision's ssdlite320_mobilenet_v3_large (eval), CPU or any backend.
+
+  python bench/inference.py [--runs 30] [--throughput_batch 32] [--num_classes 91]
+
+uint8 480x640 RGB images -> detections, resize and NMS included: batch-1 latency (median of --runs calls after
+warm-up) and images/s at --throughput_batch; torchvision in eval mode under torch.inference_mode with the
+uint8 -> float conversion inside the timing, same thread count (each framework in its own subprocess).
+Also: our compile time per batch size, and the post-processing share (the jitted postprocess alone on real
+head outputs of the benchmark images, relative to our batch-1 end-to-end latency). Weights are random (fresh
+init): scores are near 1/num_classes > score_thresh 0.001, so every class keeps 300 candidates for NMS in both
+frameworks (the worst case for post-processing).
+Prints a table and one JSON line.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+
+def worker_torch(args):
+  import numpy as np
+  import torch
+  import torchvision
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+      weights=None, weights_backbone=None, num_classes=args.num_classes).eval()
+  images = common.synthetic_uint8_images(max(args.throughput_batch, 1), 480, 640, seed=args.seed)
+
+  def run(batch):
+    with torch.inference_mode():
+      x = [torch.from_numpy(im).permute(2, 0, 1).float().div_(255.0) for im in batch]
+      out = model(x)
+    return [{k: v.numpy() for k, v in o.items()} for o in out]
+
+  lat = common.time_calls(lambda: run(images[:1]), args.runs, 3)
+  thr = common.time_calls(lambda: run(images[:args.throughput_batch]), args.throughput_runs, 1)
+  nd = len(run(images[:1])[0]["scores"])
+  return {"framework": "torchvision", "threads": torch.get_num_threads(), "latency_s": common.median(lat),
+          "latency_min_s": min(lat), "throughput_batch": args.throughput_batch,
+          "throughput_ips": args.throughput_batch / common.median(thr), "detections_bs1": nd,
+          "peak_rss_mb": common.peak_rss_mb()}
+
+
+def worker_jax(args):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ssdlite_jax import postprocess
+  from ssdlite_jax.inference import Predictor, postprocess_kwargs
+  from ssdlite_jax.models import build_model, default_model_config
+  cfg = default_model_config()
+  cfg.num_classes = args.num_classes
+  detector = build_model(cfg)
+  variables = detector.init(jax.random.PRNGKey(0))
+  images = common.synthetic_uint8_images(max(args.throughput_batch, 1), 480, 640, seed=args.seed)
+  pred1 = Predictor(detector, variables, batch_size=1)
+  predn = Predictor(detector, variables, batch_size=args.throughput_batch)
+  t0 = time.perf_counter()
+  pred1(list(images[:1]))
+  compile1 = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  predn(list(images[:args.throughput_batch]))
+  compilen = time.perf_counter() - t0
+  lat = common.time_calls(lambda: pred1(list(images[:1])), args.runs, 3)
+  thr = common.time_calls(lambda: predn(list(images[:args.throughput_batch])), args.throughput_runs, 1)
+  nd = len(pred1(list(images[:1]))[0]["scores"])
+  # Post-processing alone on the head outputs of the first image.
+  from ssdlite_jax import preprocess
+  taps_y, taps_x = preprocess.batch_taps([(480, 640)], detector.image_size)
+  x = preprocess.resize_batch(jnp.asarray(images[:1]), taps_y, taps_x)
+  out = jax.jit(lambda v, x: detector.module.apply(v, x, train=False))(variables, x)
+  post = jax.jit(lambda cl, br, sz: postprocess.postprocess(cl, br, jnp.asarray(detector.anchors), sz,
+                                                           detector.image_size, **postprocess_kwargs(detector)))
+  sizes = np.array([[480, 640]], np.int32)
+  jax.block_until_ready(post(out["cls_logits"], out["bbox_regression"], sizes))
+  post_t = common.time_calls(lambda: jax.block_until_ready(post(out["cls_logits"], out["bbox_regression"], sizes)),
+                             args.runs, 2)
+  net = jax.jit(lambda v, x: detector.module.apply(v, x, train=False))
+  net_t = common.time_calls(lambda: jax.block_until_ready(net(variables, x)), args.runs, 2)
+  return {"framework": "ours", "backend": jax.default_backend(), "latency_s": common.median(lat),
+          "latency_min_s": min(lat), "throughput_batch": args.throughput_batch,
+          "throughput_ips": args.throughput_batch / common.median(thr), "compile_bs1_s": compile1,
+          f"compile_bs{args.throughput_batch}_s": compilen, "postprocess_s": common.median(post_t),
+          "network_s": common.median(net_t), "postprocess_share": common.median(post_t) / common.median(lat),
+          "detections_bs1": nd, "peak_rss_mb": common.peak_rss_mb()}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--runs", type=int, default=30)
+  p.add_argument("--throughput_batch", type=int, default=32)
+  p.add_argument("--throughput_runs", type=int, default=3)
+  p.add_argument("--num_classes", type=int, default=91)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--only", choices=["ours", "torchvision"], default=None)
+  p.add_argument("--worker", choices=["jax", "torch"], default=None)
+  args = p.parse_args()
+  if args.worker:
+    common.emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
+    return
+  fwd = ["--runs", args.runs, "--throughput_batch", args.throughput_batch, "--throughput_runs",
+         args.throughput_runs, "--num_classes", args.num_classes, "--seed", args.seed]
+  script = os.path.abspath(__file__)
+  ours = common.run_worker(script, fwd + ["--worker", "jax"]) if args.only != "torchvision" else None
+  tv = common.run_worker(script, fwd + ["--worker", "torch"]) if args.only != "ours" else None
+  nan = float("nan")
+  g = lambda r, k, s=1.0: r[k] * s if r else nan
+  print(f"inference, uint8 480x640 -> detections, {args.num_classes} classes, {os.cpu_count()} CPUs")
+  print(f"{'':<28}{'ours':>10}{'torchvision':>14}{'ratio':>8}")
+  for name, k, s in [("latency bs1 ms (median)", "latency_s", 1e3),
+                     (f"throughput bs{args.throughput_batch} img/s", "throughput_ips", 1.0),
+                     ("peak RSS MiB", "peak_rss_mb", 1.0)]:
+    a, b = g(ours, k, s), g(tv, k, s)
+    print(f"{name:<28}{a:>10.1f}{b:>14.1f}{(a / b if b == b and b else nan):>8.2f}")
+  if ours:
+    print(f"{'network only bs1 ms':<28}{ours['network_s'] * 1e3:>10.1f}")
+    print(f"{'postprocess bs1 ms':<28}{ours['postprocess_s'] * 1e3:>10.1f}  "
+          f"({ours['postprocess_share'] * 100:.0f}% of end-to-end)")
+    print(f"{'compile s bs1 / bs' + str(args.throughput_batch):<28}{ours['compile_bs1_s']:>10.1f}"
+          f"{ours['compile_bs%d_s' % args.throughput_batch]:>14.1f}")
+  print(json.dumps({"bench": "inference", "image": [480, 640], "num_classes": args.num_classes,
+                    "cpus": os.cpu_count(), "ours": ours, "torchvision": tv,
+                    "latency_ratio": (ours["latency_s"] / tv["latency_s"]) if ours and tv else None,
+                    "throughput_ratio": (ours["throughput_ips"] / tv["throughput_ips"]) if ours and tv else None}))
+
+
+if __name__ == "__main__":
+  main()
