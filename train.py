@@ -224,7 +224,9 @@ def _loop(config, workdir, detector, info, mesh, state, step_fn, data, mngr, log
   logger.write(int(state.step), final, "eval")
   save(mngr, state, config.model, final)
   if jax.process_index() == 0:
-    out = draw_val_predictions(config, detector, state.variables, info, os.path.join(workdir, "predictions"))
+    # host copies: the replicated state spans every process's devices, this runs on process 0 only
+    out = draw_val_predictions(config, detector, jax.device_get(state.variables), info,
+                               os.path.join(workdir, "predictions"))
     print(f"\nmAP@[.5:.95] = {final['AP']:.3f} at step {int(state.step)}; predictions drawn in {out}/")
   return final
 

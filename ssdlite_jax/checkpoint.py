@@ -9,6 +9,7 @@ Layout: CKPT_DIR/<step>/{variables, model[, train, meta]}: `variables` = {"param
 import os
 from typing import Any, Dict, Optional, Tuple
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -41,8 +42,13 @@ def load_variables(ckpt_dir: str, step: Optional[int] = None
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint in this directory")
+    # Restore onto this process's first device whatever devices wrote it (e.g. trained on 8, used on 1).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(mngr.directory, str(step), "variables"))
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          meta.item_metadata.tree)
     restored = mngr.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(), model=ocp.args.JsonRestore()))
+        variables=ocp.args.StandardRestore(target), model=ocp.args.JsonRestore()))
   cfg = default_model_config()
   cfg.update(restored["model"])
   return dict(restored["variables"]), cfg, step

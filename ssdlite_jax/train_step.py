@@ -114,7 +114,9 @@ def create_train_state(detector: Detector, tx: optax.GradientTransformation, rng
   state = TrainState(step=np.zeros((), np.int32), params=variables["params"],
                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
                      rng=rng)
-  return jax.device_put(state, NamedSharding(mesh, P()), may_alias=False)
+  # jit, not device_put: device_put cannot target devices of other processes (multi-host); the copies keep
+  # `variables` valid when the state is donated.
+  return jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=NamedSharding(mesh, P()))(state)
 
 
 def _mean_float_stats(batch_stats):

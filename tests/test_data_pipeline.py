@@ -59,10 +59,17 @@ def test_resume_at_step_gives_batch_k(cfg, k):
     np.testing.assert_array_equal(resumed[key], full[k][key])
 
 
-def test_processes_read_disjoint_shares(cfg):
-  ids = [np.concatenate([b["image_id"] for b in _train(cfg, 3, index=i, count=2, batch=4)]) for i in range(2)]
-  assert len(ids[0]) == 6 and not set(ids[0]) & set(ids[1])
-  assert sorted(set(ids[0]) | set(ids[1])) == list(range(1, NUM_TRAIN + 1))
+@pytest.mark.parametrize("start_step", [0, 2])
+def test_processes_split_each_global_batch(cfg, start_step):
+  """Process i's batch k is rows [i * B, (i + 1) * B) of the single-process batch k: the global batches do not
+  depend on the process count (also when resuming, and across the epoch boundary after 3 batches)."""
+  single = _train(cfg, 4, start_step=start_step, batch=4)
+  for count in (2, 4):
+    shares = [_train(cfg, 4, start_step=start_step, index=i, count=count, batch=4) for i in range(count)]
+    for k, whole in enumerate(single):
+      for key in whole:
+        np.testing.assert_array_equal(np.concatenate([s[k][key] for s in shares]), whole[key],
+                                      err_msg=f"{count} processes, batch {k}, {key}")
 
 
 def test_eval_every_image_once_with_padding(cfg):

@@ -4,6 +4,8 @@ import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -144,3 +146,23 @@ def test_predict_cli(ckpt_dir, torch_model, tmp_path):
     ref = torch_model([torch.from_numpy(img).permute(2, 0, 1).float() / 255])[0]
   np.testing.assert_allclose(records[0]["scores"][:50], ref["scores"][:50].numpy(), atol=1e-5)
   assert Image.open(tmp_path / "drawn" / "a.jpg").size == (300, 240)
+
+
+def test_checkpoint_from_more_devices_loads_on_one(tmp_path):
+  """A checkpoint written with the state replicated on 4 devices (as train.py does) loads on 1 device."""
+  script = (
+      "import os, sys\n"
+      "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'\n"
+      "import jax, numpy as np\n"
+      "from jax.sharding import NamedSharding, PartitionSpec as P\n"
+      "from ssdlite_jax import checkpoint\n"
+      "from ssdlite_jax.models import default_model_config\n"
+      "mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))\n"
+      "v = {'params': {'a': np.arange(6, dtype=np.float32)}, 'batch_stats': {'n': np.int32(3)}}\n"
+      "checkpoint.save_variables(sys.argv[1], 5, jax.device_put(v, NamedSharding(mesh, P())), default_model_config())\n")
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], env=env, check=True, capture_output=True)
+  variables, cfg, step = checkpoint.load_variables(str(tmp_path / "ckpt"))
+  assert step == 5 and cfg.num_classes == 91
+  np.testing.assert_array_equal(variables["params"]["a"], np.arange(6, dtype=np.float32))
+  assert int(variables["batch_stats"]["n"]) == 3

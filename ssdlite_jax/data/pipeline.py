@@ -7,11 +7,15 @@ Batches are dicts of numpy arrays (B = per-process batch = global_batch_size // 
   image_id  int64 [B] (-1 for eval padding);  orig_size int32 [B, 2] (height, width) of the stored image
   valid     bool [B], eval only: False for the padding examples that complete the last batch
 
-Training order: process p reads its `tfds.even_splits` share (as `tfds.split_for_jax_process`), keeps images
-with a usable annotation (torchvision's rule), and streams epochs e = 0, 1, ... each shuffled with a seed derived
-from (seed, e); augmentation draws from a stateless seed of (seed, e, image_id). Batch k is therefore a pure
-function of (config, seed, process, k): `start_step=k` resumes there, after one annotation-only counting pass
-over the process's share and a skip of under one epoch of undecoded records.
+Training order: every process builds the same stream of undecoded records (the whole train split, images
+without a usable annotation dropped as torchvision does), epochs e = 0, 1, ... each shuffled with a seed
+derived from (seed, e), and cuts it into consecutive global batches of `global_batch_size` records; process p
+keeps the slice [p * B, (p + 1) * B) of each global batch (filtered on the record's position, before
+decoding, so each process decodes only its own images). Augmentation draws from a stateless seed of
+(seed, e, image_id). Global batch k is therefore a pure function of (config, seed, k), the same examples in
+the same order for any process count (the processes' batches k concatenated in process order), and
+`start_step=k` resumes there, after one annotation-only counting pass over the split and a skip of under
+one epoch of undecoded records.
 """
 
 import logging
@@ -165,12 +169,12 @@ def create_train_dataset(cfg, *, global_batch_size, image_size, seed, process_in
   cfg, source = _setup(cfg)
   index, count, batch = _process(process_index, process_count, global_batch_size)
   size = tuple(int(s) for s in image_size)
-  split = tfds.even_splits(source.info.train_split, n=count)[index]
-  base = _read(source, split).filter(lambda ex: cleaning.has_usable_annotation(source.annotations(ex)[0]))
+  base = _read(source, source.info.train_split).filter(
+    lambda ex: cleaning.has_usable_annotation(source.annotations(ex)[0]))
   first_epoch, offset = 0, 0
   if start_step:
     epoch_size = int(base.reduce(np.int64(0), lambda n, _: n + 1))
-    first_epoch, offset = divmod(start_step * batch, epoch_size)
+    first_epoch, offset = divmod(start_step * global_batch_size, epoch_size)
 
   def epoch(e):
     epoch_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), e)
@@ -182,7 +186,13 @@ def create_train_dataset(cfg, *, global_batch_size, image_size, seed, process_in
     aug_seed = tf.random.experimental.stateless_fold_in(epoch_seed, ex["image/id"])
     return _example(source, ex, cfg.augmentation, size, cfg.max_boxes, aug_seed)
 
+  # The global stream starts at a global batch boundary (offset = start_step * global_batch_size records into
+  # the epoch), so position i is row i % global_batch_size of its global batch.
   ds = tf.data.Dataset.range(first_epoch, _EPOCHS).flat_map(epoch).skip(offset)
+  if count > 1:
+    lo, hi = index * batch, (index + 1) * batch
+    ds = ds.enumerate().filter(lambda i, rec: (lo <= i % global_batch_size) & (i % global_batch_size < hi))
+    ds = ds.map(lambda i, rec: rec)
   ds = ds.map(example, num_parallel_calls=_parallel(cfg), deterministic=True)
   ds = ds.batch(batch, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
   return _numpy_batches(ds, cfg.max_boxes)
