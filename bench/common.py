@@ -48,6 +48,24 @@ def run_worker(script: str, args, env=None):
   return json.loads(lines[-1][len("RESULT "):])
 
 
+def add_worker_flags(parser):
+  """--only (one side of the comparison) and --worker (internal: run one side in this process)."""
+  parser.add_argument("--only", choices=["ours", "torchvision"], default=None)
+  parser.add_argument("--worker", choices=["jax", "torch"], default=None)
+
+
+def ours_and_torchvision(script: str, args, forwarded, worker_jax, worker_torch):
+  """Worker mode (--worker): runs that worker, prints its result and returns None. Otherwise runs each side
+  (--only limits it) in a fresh subprocess of `script` with `forwarded` flags and returns (ours, torchvision),
+  None for a side not run."""
+  if args.worker:
+    emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
+    return None
+  ours = run_worker(script, forwarded + ["--worker", "jax"]) if args.only != "torchvision" else None
+  tv = run_worker(script, forwarded + ["--worker", "torch"]) if args.only != "ours" else None
+  return ours, tv
+
+
 def emit(result):
   """Worker side of run_worker."""
   print("RESULT " + json.dumps(result), flush=True)

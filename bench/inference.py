@@ -99,17 +99,14 @@ def main():
   p.add_argument("--throughput_runs", type=int, default=3)
   p.add_argument("--num_classes", type=int, default=91)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--only", choices=["ours", "torchvision"], default=None)
-  p.add_argument("--worker", choices=["jax", "torch"], default=None)
+  common.add_worker_flags(p)
   args = p.parse_args()
-  if args.worker:
-    common.emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
-    return
   fwd = ["--runs", args.runs, "--throughput_batch", args.throughput_batch, "--throughput_runs",
          args.throughput_runs, "--num_classes", args.num_classes, "--seed", args.seed]
-  script = os.path.abspath(__file__)
-  ours = common.run_worker(script, fwd + ["--worker", "jax"]) if args.only != "torchvision" else None
-  tv = common.run_worker(script, fwd + ["--worker", "torch"]) if args.only != "ours" else None
+  results = common.ours_and_torchvision(os.path.abspath(__file__), args, fwd, worker_jax, worker_torch)
+  if results is None:
+    return
+  ours, tv = results
   nan = float("nan")
   g = lambda r, k, s=1.0: r[k] * s if r else nan
   print(f"inference, uint8 480x640 -> detections, {args.num_classes} classes, {os.cpu_count()} CPUs")

@@ -87,17 +87,14 @@ def main():
   p.add_argument("--depthwise_impl", default="auto")
   p.add_argument("--dtype", default="float32")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--only", choices=["ours", "torchvision"], default=None)
-  p.add_argument("--worker", choices=["jax", "torch"], default=None)
+  common.add_worker_flags(p)
   args = p.parse_args()
-  if args.worker:
-    common.emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
-    return
   fwd = ["--batch", args.batch, "--steps", args.steps, "--warmup", args.warmup, "--num_classes",
          args.num_classes, "--depthwise_impl", args.depthwise_impl, "--dtype", args.dtype, "--seed", args.seed]
-  script = os.path.abspath(__file__)
-  ours = common.run_worker(script, fwd + ["--worker", "jax"]) if args.only != "torchvision" else None
-  tv = common.run_worker(script, fwd + ["--worker", "torch"]) if args.only != "ours" else None
+  results = common.ours_and_torchvision(os.path.abspath(__file__), args, fwd, worker_jax, worker_torch)
+  if results is None:
+    return
+  ours, tv = results
   rows = []
   ips = lambda r: args.batch / r["step_s"] if r else float("nan")
   print(f"train step, batch {args.batch}, 320x320, {args.num_classes} classes, {os.cpu_count()} CPUs")

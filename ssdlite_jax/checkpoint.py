@@ -42,6 +42,8 @@ def load_variables(ckpt_dir: str, step: Optional[int] = None
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint in this directory")
+    if step not in mngr.all_steps():
+      raise FileNotFoundError(f"{ckpt_dir}: no checkpoint for step {step} (have {sorted(mngr.all_steps())})")
     # Restore onto this process's first device whatever devices wrote it (e.g. trained on 8, used on 1).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     meta = ocp.StandardCheckpointer().metadata(os.path.join(mngr.directory, str(step), "variables"))
