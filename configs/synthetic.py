@@ -13,10 +13,10 @@ def get_config():
   config.model.num_classes = 4      # background + ellipse, rectangle, triangle (checked against the data)
   config.batch_size = 8
   config.eval_batch_size = 16
-  config.num_epochs = 6             # 1000 images / 8 = 125 steps per epoch -> 750 steps
+  config.num_epochs = 5             # 1000 images / 8 = 125 steps per epoch -> 625 steps
   config.log_every_steps = 25
   config.checkpoint_every_steps = 250
-  config.eval_every_epochs = 3
+  config.eval_every_epochs = 0      # evaluate once, at the end
   config.optim.optimizer = "adamw"
   config.optim.learning_rate = 2e-3
   config.optim.base_batch_size = 8
