@@ -1,0 +1,70 @@
+"""Every depthwise convolution of SSDlite320 (backbone, extra blocks, heads), on both implementations ('shift':
+the CPU shift-and-add with its hand-written backward; 'xla': the grouped convolution), against torch's float64
+conv2d(groups=C) and its autograd: output, input gradient and kernel gradient in float32."""
+
+import numpy as np
+import pytest
+
+from ssdlite_jax.models import layers
+from ssdlite_jax.models.mobilenet_v3 import large_config
+from tests.conftest import import_or_skip
+
+
+def _ssdlite320_depthwise_shapes():
+  """Unique (input size, channels, kernel, stride) of the depthwise convs for a 320x320 image."""
+  blocks, last = large_config()
+  shapes, size = set(), 160                       # after the stride-2 stem
+  feature_sizes, feature_channels = [], []
+  for i, b in enumerate(blocks):
+    if i == 12:                                   # C4: the detection feature is block 13's expansion output
+      feature_sizes.append(size)
+      feature_channels.append(b.expanded)
+    shapes.add((size, b.expanded, b.kernel, b.stride))
+    size = -(-size // b.stride)
+  feature_sizes.append(size)
+  feature_channels.append(last)
+  for out_ch in (512, 256, 256, 128):             # extra blocks: 1x1 -> depthwise 3x3 s2 over out_ch // 2
+    shapes.add((size, out_ch // 2, 3, 2))
+    size = -(-size // 2)
+    feature_sizes.append(size)
+    feature_channels.append(out_ch)
+  shapes.update((s, c, 3, 1) for s, c in zip(feature_sizes, feature_channels))   # head depthwise
+  return sorted(shapes, reverse=True)
+
+
+SHAPES = _ssdlite320_depthwise_shapes()
+
+
+def _rel_err(got, want):
+  return np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max()
+
+
+@pytest.mark.parametrize("size,channels,kernel,stride", SHAPES,
+                         ids=[f"{s}x{s}x{c}_k{k}s{st}" for s, c, k, st in SHAPES])
+def test_depthwise_matches_torch_float64(size, channels, kernel, stride):
+  torch = import_or_skip("torch")
+  import jax
+  rng = np.random.default_rng(size * 1000 + channels)
+  # Post-activation-like input (positive mean) and a per-channel zero-mean output gradient (what a following
+  # train-mode BatchNorm passes back): the kernel gradient is then a heavily cancelling sum, the hard case.
+  x = np.abs(rng.normal(0.5, 1.0, (2, size, size, channels))).astype(np.float32)
+  k = (rng.standard_normal((kernel, kernel, 1, channels)) * 0.2).astype(np.float32)
+  pad = layers._pad(kernel)
+  out_size = (size + 2 * pad[0][0] - kernel) // stride + 1
+  g = rng.standard_normal((2, out_size, out_size, channels))
+  g = (g - g.mean(axis=(0, 1, 2))).astype(np.float32)
+
+  xt = torch.tensor(x, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_()
+  kt = torch.tensor(k, dtype=torch.float64).permute(3, 2, 0, 1).requires_grad_()
+  yt = torch.nn.functional.conv2d(xt, kt, stride=stride, padding=pad[0][0], groups=channels)
+  yt.backward(torch.tensor(g, dtype=torch.float64).permute(0, 3, 1, 2))
+  want = (yt.detach().permute(0, 2, 3, 1).numpy(), xt.grad.permute(0, 2, 3, 1).numpy(),
+          kt.grad.permute(2, 3, 1, 0).numpy())
+
+  for impl in (layers.depthwise_conv_shift, layers.depthwise_conv_xla):
+    y, vjp = jax.vjp(lambda a, b: impl(a, b, stride, pad), x, k)
+    dx, dk = vjp(g)
+    errs = [_rel_err(a, b) for a, b in zip((y, dx, dk), want)]
+    # float32 against float64, measured worst over these shapes: 2.7e-7 for the 9-25-term output and input
+    # gradient sums; the kernel gradient sums 2 x H x W products: 6.2e-6 ('shift'), 5.2e-6 ('xla').
+    assert errs[0] < 1e-6 and errs[1] < 1e-6 and errs[2] < 2e-5, (impl.__name__, errs)
