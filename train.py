@@ -9,11 +9,13 @@ with an error naming the step and keeps the last good checkpoint. Multi-host: la
 host (jax.distributed is initialised from JAX_COORDINATOR_ADDRESS / SLURM / TPU environments).
 """
 
+import dataclasses
 import json
 import os
 import signal
 import sys
 import time
+from typing import Callable, Dict, Iterator, Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,15 +27,15 @@ except ImportError:
   pass
 
 import jax
-import numpy as np
+import ml_collections
 import orbax.checkpoint as ocp
 import tensorflow as tf
 import tqdm
 
 from ssdlite_jax import checkpoint, evaluation, porting, train_step as ts
-from ssdlite_jax.data import pipeline
+from ssdlite_jax.data import pipeline, sources
 from ssdlite_jax.inference import Predictor
-from ssdlite_jax.models import build_model
+from ssdlite_jax.models import Detector, build_model
 from ssdlite_jax.optim import make_optimizer
 from ssdlite_jax.visualize import draw_detections
 
@@ -117,12 +119,13 @@ class Logger:
     self.tb.flush()
 
 
-def run_eval(config, detector, variables, info, workdir, step):
-  batches, _ = pipeline.create_eval_dataset(config.data, global_batch_size=config.eval_batch_size,
-                                            image_size=detector.image_size)
-  return evaluation.evaluate(evaluation.make_detect_fn(detector), variables, batches,
-                             info.label_to_category_id, info.gt_json,
-                             out_dir=os.path.join(workdir, "eval", f"step_{step}"))
+def run_eval(run, variables, step):
+  """COCO evaluation of `variables` on the val split; detections and metrics under WORKDIR/eval/step_N."""
+  batches, _ = pipeline.create_eval_dataset(run.config.data, global_batch_size=run.config.eval_batch_size,
+                                            image_size=run.detector.image_size)
+  return evaluation.evaluate(evaluation.make_detect_fn(run.detector), variables, batches,
+                             run.info.label_to_category_id, run.info.gt_json,
+                             out_dir=os.path.join(run.workdir, "eval", f"step_{step}"))
 
 
 def draw_val_predictions(config, detector, variables, info, out_dir, count=8):
@@ -133,6 +136,23 @@ def draw_val_predictions(config, detector, variables, info, out_dir, count=8):
   for i, (image, det) in enumerate(zip(images, predictor(images))):
     draw_detections(image, det, info.class_names, 0.5).save(os.path.join(out_dir, f"val_{i}.jpg"))
   return out_dir
+
+
+@dataclasses.dataclass
+class Run:
+  """What the training loop works with, built by `train`."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  detector: Detector
+  info: sources.DatasetInfo
+  mesh: jax.sharding.Mesh
+  step_fn: Callable
+  data: Iterator
+  mngr: ocp.CheckpointManager
+  logger: Logger
+  stop: Dict[str, Optional[int]]   # {"signal": the SIGTERM received, or None}
+  steps_per_epoch: int
+  total_steps: int
 
 
 def train(config, workdir):
@@ -168,65 +188,64 @@ def train(config, workdir):
   start = int(state.step)
   data = pipeline.create_train_dataset(config.data, global_batch_size=config.batch_size,
                                        image_size=detector.image_size, seed=config.seed, start_step=start)
-  logger = Logger(workdir)
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-
+  run = Run(config, workdir, detector, info, mesh, step_fn, data, mngr, Logger(workdir), stop,
+            steps_per_epoch, total_steps)
   try:
-    return _loop(config, workdir, detector, info, mesh, state, step_fn, data, mngr, logger, stop,
-                 steps_per_epoch, total_steps)
+    return _loop(run, state)
   finally:
     mngr.wait_until_finished()
     mngr.close()
 
 
-def _loop(config, workdir, detector, info, mesh, state, step_fn, data, mngr, logger, stop,
-          steps_per_epoch, total_steps):
+def _loop(run, state):
   """The training loop proper: steps, logging, periodic eval and checkpoints, final eval."""
-  start = int(state.step)
-  eval_every = config.eval_every_epochs * steps_per_epoch
-  bar = tqdm.tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0, dynamic_ncols=True)
-  pending, t0, last_logged = None, time.time(), start
-  metrics = None
-  for step in range(start, total_steps):
-    batch = ts.shard_batch(next(data), mesh)
-    state, metrics = step_fn(state, batch)
-    if pending is not None:  # check the previous step while this one runs: no per-step host stall
-      check_finite(*pending)
+  config, done = run.config, int(state.step)
+  eval_every = config.eval_every_epochs * run.steps_per_epoch
+  bar = tqdm.tqdm(total=run.total_steps, initial=done, disable=jax.process_index() != 0, dynamic_ncols=True)
+  t0, last_logged, previous = time.time(), done, None
+  for step in range(done, run.total_steps):
+    state, metrics = run.step_fn(state, ts.shard_batch(next(run.data), run.mesh))
     done = step + 1
-    pending = (done, metrics)
     bar.update(1)
-    if done % config.log_every_steps == 0 or done == total_steps:
-      check_finite(*pending)
+    last = done == run.total_steps
+    log_now = done % config.log_every_steps == 0 or last
+    eval_now = bool(eval_every) and done % eval_every == 0 and not last
+    save_now = not last and (done % config.checkpoint_every_steps == 0 or eval_now)
+    stopping = run.stop["signal"] is not None
+    # The previous step is checked while this one runs (no per-step host stall); this one only before the
+    # host reads or saves the state.
+    if previous is not None:
+      check_finite(*previous)
+    if log_now or eval_now or save_now or stopping:
+      check_finite(done, metrics)
+    previous = (done, metrics)
+    if log_now:
       scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
       scalars["images_per_sec"] = (done - last_logged) * config.batch_size / (time.time() - t0)
       t0, last_logged = time.time(), done
-      logger.write(done, scalars, "train")
+      run.logger.write(done, scalars, "train")
       bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2e}",
                       img_s=f"{scalars['images_per_sec']:.1f}")
     eval_metrics = None
-    if eval_every and done % eval_every == 0 and done != total_steps:
-      check_finite(*pending)
-      eval_metrics = run_eval(config, detector, state.variables, info, workdir, done)
-      logger.write(done, eval_metrics, "eval")
-    if done != total_steps and (done % config.checkpoint_every_steps == 0 or eval_metrics is not None):
-      check_finite(*pending)
-      save(mngr, state, config.model, eval_metrics)
-    if stop["signal"] is not None:
-      check_finite(*pending)
-      logging.warning("received signal %d: saving step %d and exiting", stop["signal"], done)
-      save(mngr, state, config.model)
+    if eval_now:
+      eval_metrics = run_eval(run, state.variables, done)
+      run.logger.write(done, eval_metrics, "eval")
+    if save_now:
+      save(run.mngr, state, config.model, eval_metrics)
+    if stopping:
+      logging.warning("received signal %d: saving step %d and exiting", run.stop["signal"], done)
+      save(run.mngr, state, config.model)
       return None
   bar.close()
-  if pending is not None:
-    check_finite(*pending)
-  final = run_eval(config, detector, state.variables, info, workdir, int(state.step))
-  logger.write(int(state.step), final, "eval")
-  save(mngr, state, config.model, final)
+  final = run_eval(run, state.variables, int(state.step))
+  run.logger.write(int(state.step), final, "eval")
+  save(run.mngr, state, config.model, final)
   if jax.process_index() == 0:
     # host copies: the replicated state spans every process's devices, this runs on process 0 only
-    out = draw_val_predictions(config, detector, jax.device_get(state.variables), info,
-                               os.path.join(workdir, "predictions"))
+    out = draw_val_predictions(config, run.detector, jax.device_get(state.variables), run.info,
+                               os.path.join(run.workdir, "predictions"))
     print(f"\nmAP@[.5:.95] = {final['AP']:.3f} at step {int(state.step)}; predictions drawn in {out}/")
   return final
 

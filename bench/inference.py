@@ -24,7 +24,6 @@ from bench import common  # noqa: E402
 
 
 def worker_torch(args):
-  import numpy as np
   import torch
   import torchvision
   torch.set_num_threads(os.cpu_count())

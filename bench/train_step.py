@@ -46,7 +46,6 @@ def worker_torch(args):
 
 def worker_jax(args):
   import jax
-  import numpy as np
   from ssdlite_jax import optim
   from ssdlite_jax.models import build_model, default_model_config
   from ssdlite_jax.train_step import create_train_state, make_mesh, make_train_step, shard_batch
@@ -95,7 +94,6 @@ def main():
   if results is None:
     return
   ours, tv = results
-  rows = []
   ips = lambda r: args.batch / r["step_s"] if r else float("nan")
   print(f"train step, batch {args.batch}, 320x320, {args.num_classes} classes, {os.cpu_count()} CPUs")
   print(f"{'':<22}{'ours':>12}{'torchvision':>14}{'ratio':>10}")

@@ -8,7 +8,7 @@ torch is imported only to read or write .pth files.
 import collections
 import os
 import pickle
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import flax
 import jax

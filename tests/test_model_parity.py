@@ -1,7 +1,6 @@
 """Forward, anchors, post-processing and end-to-end detections against live torchvision 0.29.1."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -15,7 +15,7 @@ from PIL import Image
 import port_weights
 import predict
 from ssdlite_jax import checkpoint, porting
-from ssdlite_jax.inference import Predictor, to_rgb_uint8
+from ssdlite_jax.inference import to_rgb_uint8
 from ssdlite_jax.models import build_model, default_model_config
 from tests.conftest import import_or_skip
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
