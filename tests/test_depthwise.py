@@ -2,33 +2,30 @@
 the CPU shift-and-add with its hand-written backward; 'xla': the grouped convolution), against torch's float64
 conv2d(groups=C) and its autograd: output, input gradient and kernel gradient in float32."""
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssdlite_jax.models import layers
-from ssdlite_jax.models.mobilenet_v3 import large_config
+from ssdlite_jax.models import build_model, default_model_config, layers
 from tests.conftest import import_or_skip
 
 
 def _ssdlite320_depthwise_shapes():
-  """Unique (input size, channels, kernel, stride) of the depthwise convs for a 320x320 image."""
-  blocks, last = large_config()
-  shapes, size = set(), 160                       # after the stride-2 stem
-  feature_sizes, feature_channels = [], []
-  for i, b in enumerate(blocks):
-    if i == 12:                                   # C4: the detection feature is block 13's expansion output
-      feature_sizes.append(size)
-      feature_channels.append(b.expanded)
-    shapes.add((size, b.expanded, b.kernel, b.stride))
-    size = -(-size // b.stride)
-  feature_sizes.append(size)
-  feature_channels.append(last)
-  for out_ch in (512, 256, 256, 128):             # extra blocks: 1x1 -> depthwise 3x3 s2 over out_ch // 2
-    shapes.add((size, out_ch // 2, 3, 2))
-    size = -(-size // 2)
-    feature_sizes.append(size)
-    feature_channels.append(out_ch)
-  shapes.update((s, c, 3, 1) for s, c in zip(feature_sizes, feature_channels))   # head depthwise
+  """Unique (input size, channels, kernel, stride) of the model's depthwise convs for a 320x320 image, as
+  traced through build_model (backbone, extra blocks and heads)."""
+  det = build_model(default_model_config())
+  shapes = set()
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, layers.DepthwiseConv) and context.method_name == "__call__":
+      _, size, _, channels = args[0].shape
+      shapes.add((size, channels, context.module.kernel_size, context.module.stride))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: det.module.init(jax.random.key(0), jnp.zeros((1, 320, 320, 3)), train=False))
   return sorted(shapes, reverse=True)
 
 
@@ -43,7 +40,6 @@ def _rel_err(got, want):
                          ids=[f"{s}x{s}x{c}_k{k}s{st}" for s, c, k, st in SHAPES])
 def test_depthwise_matches_torch_float64(size, channels, kernel, stride):
   torch = import_or_skip("torch")
-  import jax
   rng = np.random.default_rng(size * 1000 + channels)
   # Post-activation-like input (positive mean) and a per-channel zero-mean output gradient (what a following
   # train-mode BatchNorm passes back): the kernel gradient is then a heavily cancelling sum, the hard case.
