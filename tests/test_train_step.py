@@ -72,10 +72,11 @@ def multidevice_process():
 
 
 # One SGD step from the same state, ours vs torchvision's, as a fraction of the update (see _assert_same_update).
-# How close a float32 step can get depends on summation orders: a ReLU input within rounding of 0 flips with
-# them, and the heavily cancelling BN-bias gradient upstream of it moves by that one term. Measured against
-# torchvision's float64 step: torchvision's own float32 step 1.2e-5; ours 7.9e-6 on the CPU default ('shift'
-# depthwise) and 6.0e-4 with XLA's grouped depthwise conv (block 2's expansion BN bias; elsewhere 1e-5).
+# How close a float32 step can get depends on summation orders, most likely because a ReLU input within
+# rounding of 0 flips with them and moves the heavily cancelling BN-bias gradient upstream of it by that one
+# term. Measured against torchvision's float64 step: torchvision's own float32 step 1.2e-5; ours 7.9e-6 on the
+# CPU default ('shift' depthwise) and 6.0e-4 with XLA's grouped depthwise conv (block 2's expansion BN bias;
+# elsewhere 1e-5).
 UPDATE_RTOL = {"auto": 5e-5, "xla": 2e-3}
 
 
@@ -221,8 +222,8 @@ def _multidevice_checks():
   state_sync, metrics_sync = run(step_sync, mesh, batch)
   state_whole, metrics_whole = run(step1, mesh1, batch)
   # Looser: sync BN's statistics and their backward sum over devices in two stages; at init the narrow net
-  # amplifies that rounding (measured 2.7e-5 of the update). With 1 image per device a pre-ReLU value within
-  # rounding of 0 in block 5 flips, which moves that block's update by 1e-2: a kink, not an error.
+  # amplifies that rounding (measured 2.7e-5 of the update). With 1 image per device block 5's update moved by
+  # 1e-2, most likely a pre-ReLU value within rounding of 0 flipping: a kink, not an error.
   _assert_same_update(state_sync.variables, state_whole.variables, variables, 1e-4)
   for k in ("loss", "num_positives", "grad_norm"):
     np.testing.assert_allclose(metrics_sync[k], metrics_whole[k], rtol=1e-5)
