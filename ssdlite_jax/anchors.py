@@ -1,7 +1,9 @@
 """SSD default boxes (anchors) with torchvision's DefaultBoxGenerator semantics.
 
-Anchors are static: computed once in numpy float32 from the feature-map sizes and returned as
-[A, 4] xyxy pixels of the model input (not clipped to the image; only w/h are clamped to [0, 1]).
+Anchors are static: computed once in numpy from the feature-map sizes and returned as [A, 4] xyxy
+pixels of the model input (not clipped to the image; only w/h are clamped to [0, 1]). As torchvision,
+the normalised centres and (w, h) pairs are float32 and the pixel boxes are formed in the model's
+dtype (float32, or float64 for a float64 model).
 """
 
 import math
@@ -44,8 +46,9 @@ def default_boxes(feature_sizes: Sequence[Tuple[int, int]],
                   max_ratio: float = 0.9,
                   scales: Optional[Sequence[float]] = None,
                   steps: Optional[Sequence[int]] = None,
-                  clip: bool = True) -> np.ndarray:
-  """Anchors [A, 4] float32 xyxy pixels for feature maps [(h, w), ...] of an image (H, W).
+                  clip: bool = True,
+                  dtype=np.float32) -> np.ndarray:
+  """Anchors [A, 4] xyxy pixels (`dtype`) for feature maps [(h, w), ...] of an image (H, W).
 
   Order: level, then row-major cell (y outer, x inner), then the level's (w, h) pairs.
   """
@@ -69,11 +72,12 @@ def default_boxes(feature_sizes: Sequence[Tuple[int, int]],
     shifts_x = ((np.arange(f_w, dtype=np.float32) + np.float32(0.5)) / np.float32(x_fk))
     shifts_y = ((np.arange(f_h, dtype=np.float32) + np.float32(0.5)) / np.float32(y_fk))
     sy, sx = np.meshgrid(shifts_y, shifts_x, indexing="ij")
-    centers = np.stack([sx.reshape(-1), sy.reshape(-1)], axis=-1)           # [HW, 2]
-    wh = np.clip(pairs[k], 0.0, 1.0) if clip else pairs[k]                   # [n, 2]
-    centers = np.repeat(centers, len(wh), axis=0)                             # [HW*n, 2]
+    centers = np.stack([sx.reshape(-1), sy.reshape(-1)], axis=-1).astype(dtype)   # [HW, 2]
+    wh = (np.clip(pairs[k], 0.0, 1.0) if clip else pairs[k]).astype(dtype)          # [n, 2]
+    centers = np.repeat(centers, len(wh), axis=0)                                   # [HW*n, 2]
     wh = np.tile(wh, (f_h * f_w, 1))
-    size = np.asarray([img_w, img_h], dtype=np.float32)
-    half = np.float32(0.5) * wh
-    out.append(np.concatenate([(centers - half) * size, (centers + half) * size], axis=-1))
-  return np.concatenate(out, axis=0).astype(np.float32)
+    size = np.asarray([img_w, img_h], dtype=dtype)
+    # torchvision's order: (cx, cy, w, h) scaled to pixels, then the corners.
+    xy, half = centers * size, np.asarray(0.5, dtype) * (wh * size)
+    out.append(np.concatenate([xy - half, xy + half], axis=-1))
+  return np.concatenate(out, axis=0).astype(dtype)

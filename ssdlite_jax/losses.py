@@ -3,7 +3,7 @@
 Smooth L1 (beta 1) on the (10, 10, 5, 5)-coded offsets of foreground anchors, plus softmax cross
 entropy over the positives and the 3·|P_i| hardest negatives of each image; both summed and divided
 by max(1, N), N the number of foreground anchors in the batch given (call it per replica for
-torchvision's per-GPU normaliser). Everything is computed in float32.
+torchvision's per-GPU normaliser). Everything is computed in float32 (float64 for float64 logits).
 """
 
 import jax
@@ -27,10 +27,10 @@ def _hard_negative_ce(ce, positive, neg_to_pos_ratio):
   then depends on the order of the -inf ties, which torch's unstable sort leaves unspecified: here
   the lowest anchor indices come first (stable sort).
   """
-  num_selected = neg_to_pos_ratio * positive.sum(axis=1, keepdims=True).astype(jnp.float32)
+  num_selected = neg_to_pos_ratio * positive.sum(axis=1, keepdims=True).astype(ce.dtype)
   order = jnp.argsort(-jnp.where(positive, -jnp.inf, ce), axis=1, stable=True)
   ranked_ce = jnp.take_along_axis(ce, order, axis=1)
-  rank = jnp.arange(ce.shape[1], dtype=jnp.float32)
+  rank = jnp.arange(ce.shape[1], dtype=ce.dtype)
   return jnp.sum(jnp.where(rank < num_selected, ranked_ce, 0.0))
 
 
@@ -48,18 +48,20 @@ def multibox_loss(cls_logits, bbox_regression, anchors, boxes, labels, mask, neg
 
   Returns:
     {"bbox_regression": scalar, "classification": scalar, "num_positives": scalar}: the two losses
-    (already divided by max(1, N)) and N, the float32 count of foreground (matched) anchors.
+    (already divided by max(1, N)) and N, the count of foreground (matched) anchors, all float32
+    (float64 for float64 logits).
   """
-  anchors = jnp.asarray(anchors, jnp.float32)
-  cls_logits = cls_logits.astype(jnp.float32)
-  bbox_regression = bbox_regression.astype(jnp.float32)
+  dtype = jnp.promote_types(cls_logits.dtype, jnp.float32)
+  anchors = jnp.asarray(anchors, dtype)
+  cls_logits = cls_logits.astype(dtype)
+  bbox_regression = bbox_regression.astype(dtype)
   matched = jax.vmap(match_anchors, in_axes=(0, 0, None))(boxes, mask, anchors)    # [B, A]
   foreground = matched >= 0
   gt_index = jnp.maximum(matched, 0)
-  num_foreground = foreground.sum().astype(jnp.float32)
+  num_foreground = foreground.sum().astype(dtype)
   normalizer = jnp.maximum(1.0, num_foreground)
 
-  matched_boxes = jnp.take_along_axis(boxes.astype(jnp.float32), gt_index[..., None], axis=1)
+  matched_boxes = jnp.take_along_axis(boxes.astype(dtype), gt_index[..., None], axis=1)
   # Background anchors regress onto themselves: zero targets instead of log(0) from padded boxes.
   matched_boxes = jnp.where(foreground[..., None], matched_boxes, anchors)
   box_error = _smooth_l1(bbox_regression - box_coder.encode(matched_boxes, anchors))

@@ -40,7 +40,7 @@ def default_optim_config():
 
 
 def learning_rate_schedule(config, steps_per_epoch):
-  """optax schedule: optimizer step (int, 0-based) -> float32 LR.
+  """optax schedule: optimizer step (int, 0-based) -> LR (float32; float64 with jax_enable_x64).
 
   lr(s) = base · warmup(s) · cosine(s), base = learning_rate · batch_size / base_batch_size:
   warmup(s) = f + (1 - f) · min(s, W) / W with W = min(warmup_iters, steps_per_epoch - 1) (torch
@@ -52,21 +52,23 @@ def learning_rate_schedule(config, steps_per_epoch):
   warmup = min(config.warmup_iters, steps_per_epoch - 1)
   total_steps = config.num_epochs * steps_per_epoch
 
-  def warmup_multiplier(step):
+  def warmup_multiplier(step, dtype):
     if warmup > 0:
-      return config.warmup_factor + (1.0 - config.warmup_factor) * jnp.minimum(step, warmup) / warmup
+      ramp = jnp.minimum(step, warmup).astype(dtype) / warmup
+      return config.warmup_factor + (1.0 - config.warmup_factor) * ramp
     # One-step epochs: torch's LinearLR(total_iters=0) applies the start factor and never lifts it.
     return config.warmup_factor if config.warmup_iters > 0 else 1.0
 
   def schedule(step):
+    dtype = jnp.result_type(float)  # float32, or float64 under jax_enable_x64 (int32 / int stays float32)
     step = jnp.asarray(step, jnp.int32)
     if config.cosine_per_step:
-      remaining = (total_steps - step) / total_steps
+      remaining = (total_steps - step).astype(dtype) / total_steps
     else:
-      remaining = (config.num_epochs - step // steps_per_epoch) / config.num_epochs
+      remaining = (config.num_epochs - step // steps_per_epoch).astype(dtype) / config.num_epochs
     # (1 + cos(pi t)) / 2 = sin^2(pi (1 - t) / 2): keeps float32 relative accuracy as the LR nears 0.
     cosine = jnp.sin(0.5 * math.pi * remaining) ** 2
-    return (base_lr * warmup_multiplier(step) * cosine).astype(jnp.float32)
+    return (base_lr * warmup_multiplier(step, dtype) * cosine).astype(dtype)
 
   return schedule
 

@@ -15,12 +15,13 @@ import numpy as np
 
 from ssdlite_jax import anchors as anchors_lib
 from ssdlite_jax.models.heads import SSDLitePredictor
+from ssdlite_jax.models.layers import wide_dtype
 from ssdlite_jax.models.mobilenet_v3 import MobileNetV3SSDLite
 from ssdlite_jax.models.ssd import SSD
 
 BACKBONES = {"mobilenet_v3_large": MobileNetV3SSDLite}
 HEADS = {"ssdlite": SSDLitePredictor}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -44,13 +45,15 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.topk_candidates = 300
   c.detections_per_img = 300
   c.depthwise_impl = "auto"   # 'shift' (fast on CPU), 'xla' (grouped conv), 'auto' picks per backend
-  c.dtype = "float32"         # compute dtype; params stay float32
+  # Compute dtype; params stay float32. 'float64' (params too; needs jax_enable_x64) is for numerical checks.
+  c.dtype = "float32"
   return c
 
 
 @dataclasses.dataclass(frozen=True)
 class Detector:
-  """A built model: the Flax module, its anchors [A, 4] xyxy px (numpy float32) and its config."""
+  """A built model: the Flax module, its anchors [A, 4] xyxy px (numpy float32; float64 for a float64 model)
+  and its config."""
   module: SSD
   anchors: np.ndarray
   config: ml_collections.ConfigDict
@@ -87,6 +90,9 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
   if config.dtype not in DTYPES:
     raise ValueError(f"model.dtype={config.dtype!r}; known: {sorted(DTYPES)}")
   dtype = DTYPES[config.dtype]
+  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError("model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
+                     "jax.config.update('jax_enable_x64', True) first")
   common = dict(bn_axis_name=bn_axis_name, depthwise_impl=config.depthwise_impl, dtype=dtype)
   backbone = BACKBONES[config.backbone](**config.backbone_kwargs.to_dict(), **common)
   a = config.anchors
@@ -97,7 +103,7 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
   feature_sizes = [tuple(s.shape[1:3]) for s in shapes]
   anchors = anchors_lib.default_boxes(
       feature_sizes, size, a.aspect_ratios, a.min_ratio, a.max_ratio,
-      scales=a.scales or None, steps=a.steps or None, clip=a.clip)
+      scales=a.scales or None, steps=a.steps or None, clip=a.clip, dtype=np.dtype(wide_dtype(dtype)))
   module = SSD(backbone=backbone, head=HEADS[config.head], num_classes=config.num_classes,
                num_anchors=num_anchors, image_mean=tuple(config.image_mean),
                image_std=tuple(config.image_std), head_kwargs=common)

@@ -2,7 +2,8 @@
 
 Every conv uses explicit symmetric padding (k - 1) // 2 (XLA's 'SAME' differs from torch on stride 2)
 and torchvision's from-scratch init N(0, 0.03^2), zero bias. BatchNorm follows torch's semantics,
-including the unbiased variance in the running-statistics update.
+including the unbiased variance in the running-statistics update. Parameters, statistics and sums are
+kept in `wide_dtype(dtype)`: float32 for float32/bfloat16 compute, float64 for a float64 model.
 """
 
 import functools
@@ -23,6 +24,11 @@ ACTIVATIONS = {
 }
 
 
+def wide_dtype(dtype):
+  """The dtype of parameters, statistics and sums for compute dtype `dtype`: float32, or float64 for float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _pad(kernel_size: int):
   p = (kernel_size - 1) // 2
   return ((p, p), (p, p))
@@ -38,25 +44,25 @@ def _pad(kernel_size: int):
 
 
 def channel_sum(x):
-  """Sum of x [..., C] over all but the last axis -> [C] float32, as a ones-vector GEMV."""
-  c = x.shape[-1]
-  x2 = x.reshape(-1, c).astype(jnp.float32)
-  ones = jnp.ones((x2.shape[0],), jnp.float32)
+  """Sum of x [..., C] over all but the last axis -> [C] in wide_dtype(x.dtype), as a ones-vector GEMV."""
+  c, dtype = x.shape[-1], wide_dtype(x.dtype)
+  x2 = x.reshape(-1, c).astype(dtype)
+  ones = jnp.ones((x2.shape[0],), dtype)
   return lax.dot_general(ones, x2, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x, scale, bias, epsilon: float):
   """Training-mode BatchNorm over the last axis with batch statistics (two-pass, biased variance).
 
-  x [..., C] (any float dtype; statistics in float32), scale/bias [C] -> (y in x.dtype, mean, var).
+  x [..., C] (any float dtype; statistics in wide_dtype(x.dtype)), scale/bias [C] -> (y in x.dtype, mean, var).
   """
   return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon):
-  xf = x.astype(jnp.float32)
+  xf = x.astype(wide_dtype(x.dtype))
   axes = tuple(range(x.ndim - 1))
   # Statistics exactly as the generic path (jnp.mean; measured no slower than channel_sum here).
   mean = jnp.mean(xf, axis=axes)
@@ -69,10 +75,10 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon):
 
 def _batch_norm_train_bwd(epsilon, res, cotangents):
   x, mean, inv, scale = res
-  gy = cotangents[0].astype(jnp.float32)
+  gy = cotangents[0].astype(wide_dtype(x.dtype))
   # The statistics outputs only feed the running averages (no gradient flows through them).
   n = gy.size // gy.shape[-1]
-  xhat = (x.astype(jnp.float32) - mean) * inv
+  xhat = (x.astype(gy.dtype) - mean) * inv
   dbias = channel_sum(gy)
   dscale = channel_sum(gy * xhat)
   dx = (scale * inv) * (gy - dbias / n - xhat * (dscale / n))
@@ -99,21 +105,21 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    c, dtype = x.shape[-1], wide_dtype(x.dtype)
+    scale = self.param("scale", nn.initializers.ones, (c,), dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), dtype)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), dtype)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), dtype)
     count = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
     if not train:
       inv = lax.rsqrt(ra_var.value + self.epsilon) * scale
-      return ((x.astype(jnp.float32) - ra_mean.value) * inv + bias).astype(x.dtype)
+      return ((x.astype(dtype) - ra_mean.value) * inv + bias).astype(x.dtype)
     n = x.size // c
     if self.axis_name is None and _fast_cpu_path():
       y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
       mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
     else:
-      xf = x.astype(jnp.float32)
+      xf = x.astype(dtype)
       axes = tuple(range(x.ndim - 1))
       # Two-pass statistics as torch; with axis_name both passes are averaged across devices
       # (equal per-device batches), which equals the statistics of the concatenated batch.
@@ -203,14 +209,14 @@ def _depthwise_shift_bwd(stride, padding, res, g):
     # the stride-dilated gradient, which multiplies (stride^2 - 1) / stride^2 zeros.
     dx = jax.vjp(lambda x_: _depthwise_shift_fwd_impl(x_, kernel.astype(x.dtype), stride, padding), x)[1](g)[0]
   read = _tap_reader(jnp.pad(x, ((0, 0),) + tuple(padding) + ((0, 0),)), stride, out_h, out_w)
-  gf = g.astype(jnp.float32)
+  gf = g.astype(wide_dtype(g.dtype))
 
   def body(t, dk):
-    return dk.at[t].set(channel_sum(read(t // k_w, t % k_w).astype(jnp.float32) * gf))
+    return dk.at[t].set(channel_sum(read(t // k_w, t % k_w).astype(gf.dtype) * gf))
   # The kernel-gradient taps run in a fori_loop: unrolled, XLA:CPU schedules the k*k window x gradient
   # reductions badly (3-4x slower for a 5x5 layer than the same work in a loop).
   # The initial carry is built from tap 0 so that it carries the inputs' shard_map axis types.
-  dk = lax.fori_loop(1, k_h * k_w, body, body(0, jnp.zeros((k_h * k_w, c), jnp.float32)))
+  dk = lax.fori_loop(1, k_h * k_w, body, body(0, jnp.zeros((k_h * k_w, c), gf.dtype)))
   return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -243,7 +249,7 @@ class DepthwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, c), jnp.float32)
+    kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, c), wide_dtype(self.dtype))
     fn = depthwise_conv_shift if resolve_depthwise_impl(self.impl) == "shift" else depthwise_conv_xla
     return fn(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, _pad(self.kernel_size))
 
@@ -258,11 +264,11 @@ class PointwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), wide_dtype(self.dtype))
     y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel[0, 0].astype(self.dtype))
     y = y.reshape(x.shape[:-1] + (self.features,))
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), wide_dtype(self.dtype)).astype(self.dtype)
     return y
 
 
@@ -273,7 +279,7 @@ def conv(features: int, kernel_size: int = 1, stride: int = 1, use_bias: bool = 
     return PointwiseConv(features, use_bias, dtype, name=name)
   return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=_pad(kernel_size), use_bias=use_bias, kernel_init=conv_init,
-                 bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, name=name)
+                 bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=wide_dtype(dtype), name=name)
 
 
 class ConvBNAct(nn.Module):
