@@ -10,6 +10,7 @@ host (jax.distributed is initialised from JAX_COORDINATOR_ADDRESS / SLURM / TPU 
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -32,7 +33,7 @@ import orbax.checkpoint as ocp
 import tensorflow as tf
 import tqdm
 
-from ssdlite_jax import checkpoint, evaluation, porting, train_step as ts
+from ssdlite_jax import checkpoint, distributed, evaluation, porting, train_step as ts
 from ssdlite_jax.data import pipeline, sources
 from ssdlite_jax.inference import Predictor
 from ssdlite_jax.models import Detector, build_model
@@ -43,6 +44,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
+# orbax's checkpoint barriers through the jax.distributed coordination service, with its long timeouts, instead
+# of device collectives: between CPU processes (gloo) those fail when a peer arrives more than 30 s late.
+if "experimental_orbax_use_distributed_barrier" in FLAGS:
+  FLAGS.set_default("experimental_orbax_use_distributed_barrier", True)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -145,9 +150,8 @@ class Run:
   workdir: str
   detector: Detector
   info: sources.DatasetInfo
-  mesh: jax.sharding.Mesh
   step_fn: Callable
-  data: Iterator
+  data: Iterator                   # sharded global batches
   mngr: ocp.CheckpointManager
   logger: Logger
   stop: Dict[str, Optional[int]]   # {"signal": the SIGTERM received, or None}
@@ -156,7 +160,7 @@ class Run:
 
 
 def train(config, workdir):
-  ts.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
   info = pipeline.dataset_info(config.data)
   if info.num_classes != config.model.num_classes:
@@ -169,7 +173,7 @@ def train(config, workdir):
       f.write(config.to_json_best_effort(indent=2))
 
   detector = build_model(config.model)
-  mesh = ts.make_mesh()
+  mesh = distributed.make_mesh()
   if config.batch_size % mesh.size:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices")
   steps_per_epoch = max(1, pipeline.num_train_examples(config.data) // config.batch_size)
@@ -188,9 +192,17 @@ def train(config, workdir):
   start = int(state.step)
   data = pipeline.create_train_dataset(config.data, global_batch_size=config.batch_size,
                                        image_size=detector.image_size, seed=config.seed, start_step=start)
+  data = (distributed.shard_batch(batch, mesh) for batch in data)
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  run = Run(config, workdir, detector, info, mesh, step_fn, data, mngr, Logger(workdir), stop,
+  if start < total_steps:
+    # Compile before the first collective, then meet there together: a process that joins gloo's
+    # rendezvous more than 30 s after another (still compiling) fails the whole run.
+    first = next(data)
+    step_fn = step_fn.lower(state, first).compile()
+    data = itertools.chain([first], data)
+    distributed.wait_for_all_processes("train_step_compiled")
+  run = Run(config, workdir, detector, info, step_fn, data, mngr, Logger(workdir), stop,
             steps_per_epoch, total_steps)
   try:
     return _loop(run, state)
@@ -206,7 +218,7 @@ def _loop(run, state):
   bar = tqdm.tqdm(total=run.total_steps, initial=done, disable=jax.process_index() != 0, dynamic_ncols=True)
   t0, last_logged, previous = time.time(), done, None
   for step in range(done, run.total_steps):
-    state, metrics = run.step_fn(state, ts.shard_batch(next(run.data), run.mesh))
+    state, metrics = run.step_fn(state, next(run.data))
     done = step + 1
     bar.update(1)
     last = done == run.total_steps

@@ -48,7 +48,8 @@ def worker_jax(args):
   import jax
   from ssdlite_jax import optim
   from ssdlite_jax.models import build_model, default_model_config
-  from ssdlite_jax.train_step import create_train_state, make_mesh, make_train_step, shard_batch
+  from ssdlite_jax.distributed import make_mesh, shard_batch
+  from ssdlite_jax.train_step import create_train_state, make_train_step
   cfg = default_model_config()
   cfg.num_classes = args.num_classes
   cfg.depthwise_impl = args.depthwise_impl

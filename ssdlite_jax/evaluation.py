@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 import jax
 import numpy as np
 
-from ssdlite_jax import inference
+from ssdlite_jax import distributed, inference
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -66,6 +66,7 @@ def _gather(local):
   if jax.process_count() == 1:
     return local
   from jax.experimental import multihost_utils
+  distributed.wait_for_all_processes("eval_gather")  # processes finish their shards at different times
   if np.abs(local["image_id"]).max(initial=0) > np.iinfo(np.int32).max:
     raise ValueError("multi-process evaluation gathers image ids as int32 (JAX without x64); got larger ids")
   gathered = multihost_utils.process_allgather(local, tiled=True)
@@ -118,6 +119,7 @@ def _broadcast(metrics: Optional[Dict[str, float]]) -> Dict[str, float]:
     return metrics
   from jax.experimental import multihost_utils
   values = np.asarray([metrics[n] for n in METRIC_NAMES] if metrics else [0.0] * len(METRIC_NAMES), np.float32)
+  distributed.wait_for_all_processes("eval_broadcast")  # the others wait while process 0 runs COCOeval
   values = multihost_utils.broadcast_one_to_all(values)
   return {n: float(v) for n, v in zip(METRIC_NAMES, np.asarray(values))}
 

@@ -13,7 +13,6 @@ input state (step, params, BN statistics and optimizer state all unchanged) and
 `metrics["finite"]` is False, so the training loop can stop with a clean last state.
 """
 
-import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
@@ -24,10 +23,10 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ssdlite_jax.distributed import AXIS
 from ssdlite_jax.losses import multibox_loss
 from ssdlite_jax.models import Detector, build_model
 
-AXIS = "data"
 BATCH_KEYS = ("image", "boxes", "labels", "mask")
 
 
@@ -46,58 +45,6 @@ class TrainState:
   def variables(self) -> Dict[str, Any]:
     """{"params", "batch_stats"} as Detector.module.apply takes them."""
     return {"params": self.params, "batch_stats": self.batch_stats}
-
-
-def maybe_initialize_distributed() -> bool:
-  """Calls `jax.distributed.initialize()` when this process is one of several; returns whether it did.
-
-  Call it first, before anything touches a JAX device. Detected launches: JAX_COORDINATOR_ADDRESS
-  (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), SLURM (SLURM_NTASKS > 1), Open MPI
-  (OMPI_COMM_WORLD_SIZE > 1) and multi-host Cloud TPU slices (several TPU_WORKER_HOSTNAMES); JAX
-  auto-detects the rest of the setup in each case. A single-process launch does nothing.
-  """
-  env = os.environ
-  if jax.distributed.is_initialized():
-    return False
-  # Cross-process collectives between CPU devices (tests, CPU clusters); no effect on GPU/TPU.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    num = env.get("JAX_NUM_PROCESSES")
-    pid = env.get("JAX_PROCESS_ID")
-    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
-                               num_processes=None if num is None else int(num),
-                               process_id=None if pid is None else int(pid))
-    return True
-  if (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-      or "," in env.get("TPU_WORKER_HOSTNAMES", "")):
-    jax.distributed.initialize()
-    return True
-  return False
-
-
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """1-D mesh named 'data' over `devices` (default: every device of every process)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,),
-                       devices=devices)
-
-
-def shard_batch(batch: Dict[str, Any], mesh: jax.sharding.Mesh) -> Dict[str, jax.Array]:
-  """Global arrays split along axis 0 over the mesh from this process's local batch (numpy).
-
-  Each process passes its own images ([B_local, ...] per key); the global batch is their
-  concatenation in process order. B_local must be a multiple of this process's devices in the mesh.
-  """
-  sharding = NamedSharding(mesh, P(AXIS))
-  num_local = len(mesh.local_devices)
-  out = {}
-  for key, value in batch.items():
-    value = np.asarray(value)
-    if value.shape[0] % num_local:
-      raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows on this process, not a multiple "
-                       f"of its {num_local} devices in the mesh")
-    out[key] = jax.make_array_from_process_local_data(sharding, value)
-  return out
 
 
 def create_train_state(detector: Detector, tx: optax.GradientTransformation, rng,
@@ -139,7 +86,7 @@ def make_train_step(detector: Detector, tx: optax.GradientTransformation,
   (global norm of the averaged gradient), finite (bool; False = update skipped, see module doc).
   """
   module = build_model(detector.config, bn_axis_name=AXIS).module if sync_bn else detector.module
-  anchors = np.asarray(detector.anchors, np.float32)
+  anchors = detector.anchors
 
   def per_device(state, batch):
     def loss_fn(params):

@@ -1,0 +1,83 @@
+"""Processes, the device mesh and batch sharding: what a data-parallel program sets up before its step.
+
+The mesh is 1-D, axis AXIS ('data'), over every device of every process; batches are global arrays split
+along their leading axis, each process contributing its own rows.
+"""
+
+import collections
+import os
+from typing import Any, Dict
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+_barrier_counts = collections.Counter()
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize()` when this process is one of several; returns whether it did.
+
+  Call it first, before anything touches a JAX device. Detected launches: JAX_COORDINATOR_ADDRESS
+  (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), SLURM (SLURM_NTASKS > 1), Open MPI
+  (OMPI_COMM_WORLD_SIZE > 1) and multi-host Cloud TPU slices (several TPU_WORKER_HOSTNAMES); JAX
+  auto-detects the rest of the setup in each case. A single-process launch does nothing.
+  """
+  env = os.environ
+  if jax.distributed.is_initialized():
+    return False
+  # Cross-process collectives between CPU devices (tests, CPU clusters); no effect on GPU/TPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    num = env.get("JAX_NUM_PROCESSES")
+    pid = env.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=None if num is None else int(num),
+                               process_id=None if pid is None else int(pid))
+    return True
+  if (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+      or "," in env.get("TPU_WORKER_HOSTNAMES", "")):
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
+  """Barrier of every process through the coordination service (no device collective); no-op on one process.
+
+  Collectives between CPU processes (gloo) give up when a peer joins more than 30 s late, as one that is
+  still compiling does; call this before such a collective to wait up to `timeout_s` instead. Every process
+  must make the same sequence of calls (the n-th call with `name` is barrier "name/n").
+  """
+  if jax.process_count() == 1:
+    return
+  _barrier_counts[name] += 1
+  # The jax.distributed client: JAX has no public barrier that avoids a device collective.
+  from jax._src import distributed as jax_distributed
+  jax_distributed.global_state.client.wait_at_barrier(f"{name}/{_barrier_counts[name]}", int(timeout_s * 1000))
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """1-D mesh named 'data' over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=devices)
+
+
+def shard_batch(batch: Dict[str, Any], mesh: jax.sharding.Mesh) -> Dict[str, jax.Array]:
+  """Global arrays split along axis 0 over the mesh from this process's local batch (numpy).
+
+  Each process passes its own images ([B_local, ...] per key); the global batch is their
+  concatenation in process order. B_local must be a multiple of this process's devices in the mesh.
+  """
+  sharding = NamedSharding(mesh, P(AXIS))
+  num_local = len(mesh.local_devices)
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.shape[0] % num_local:
+      raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows on this process, not a multiple "
+                       f"of its {num_local} devices in the mesh")
+    out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out
