@@ -3,22 +3,23 @@ coordinator, gloo collectives) trains as 1 process x 8 devices on the same data,
 layout resume in the other.
 
 Runs (subprocesses, compiles shared through JAX's persistent cache):
-  A  1 process x 8 devices, steps 0 -> 4 (checkpoints 2 and 4)
+  A  1 process x 8 devices, steps 0 -> 4 (a checkpoint at every step)
   B  2 processes x 4 devices, steps 0 -> 4
   C  B's workdir cut back to checkpoint 2, resumed by 1 process x 8 devices -> 4
   D  A's workdir cut back to checkpoint 2, resumed by 2 processes x 4 devices -> 4
 Global batch 8 = 24 images / 3 steps per epoch, so step 4 is past an epoch boundary.
 
 What "the same" can mean: the two layouts sum the all-reduce in different orders, so one step from the same
-state agrees to float32 rounding (measured: parameters within 4e-7 of the update), but SSDlite's gradient at
-initialisation amplifies rounding ~10^4-fold (4e-7 relative parameter noise changes the gradient by 0.3 %
-here, and torchvision's by 1.1 % at 160 px, 2 images), so two whole runs drift apart step by step whatever
-the code: any two all-reduce orders do this. Hence:
-  * from the same state (C vs B, D vs A): the same losses to 1e-5 and final parameters within 1 % of the
-    distance they moved over those two steps;
-  * from scratch (B vs A): step 1 and 2 losses to 1e-5, later losses to 1e-3, final parameters within 10 %
-    of the distance they moved over steps 3-4 (measured: 2e-5 / 1e-4 and 5 %), with a small learning rate
-    that keeps the drift small.
+state agrees to float32 rounding (measured: parameters within 3e-6 of the step's movement), but SSDlite's
+gradient at initialisation amplifies rounding ~10^4-fold, by an amount that depends on the CPU's summation order,
+so two runs drift apart step by step whatever the code. Hence what holds on any CPU:
+  * every run sees the same data at every step (the number of matched anchors);
+  * the first step from the same state (step 1 from scratch, B vs A; step 3 after a resume, C vs B and D vs A)
+    gives the same loss to 1e-5 and parameters within 1e-4 of that step's movement; from scratch step 2's loss
+    agrees to 1e-5 as well;
+  * at every later step the loss difference is what the parameter drift explains, to first order:
+    |L - L_ref| <= 2 ||grad L_ref|| ||p - p_ref|| + 1e-5 |L_ref| (the gradient norm logged at that step, the
+    parameters of the checkpoints before it). Measured from scratch: 10-13 % of that bound at steps 3-4.
 """
 
 import json
@@ -33,11 +34,14 @@ import numpy as np
 import pytest
 
 from ssdlite_jax.data import pipeline
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, DEVICES, PROCESSES = 4, 8, 8, 2
 TIMEOUT = 600
 LR = "1e-5"
+LOSS_RTOL = 1e-5         # a loss from the same state
+ONE_STEP_DRIFT = 1e-4    # parameters after one step from the same state, relative to the step's movement
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,7 @@ def env(tmp_path_factory):
   cfg.update(data_dir=data_dir, synthetic_num_train=24, synthetic_num_val=6)
   pipeline.dataset_info(cfg)  # generate the dataset once: concurrent processes would race to write it
   e = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
-  for key in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     e.pop(key, None)
   return {"env": e, "data_dir": data_dir, "tmp": tmp}
 
@@ -59,11 +63,9 @@ def command(env, workdir):
           "--config.data.synthetic_num_train=24", "--config.data.synthetic_num_val=6",
           f"--config.batch_size={BATCH}", f"--config.eval_batch_size={BATCH}", "--config.model.image_size=160",
           f"--config.max_steps={STEPS}", "--config.eval_every_epochs=0", "--config.log_every_steps=1",
-          "--config.checkpoint_every_steps=2", "--config.optim.warmup_iters=0", "--config.optim.optimizer=sgd",
-          f"--config.optim.learning_rate={LR}", f"--config.optim.base_batch_size={BATCH}",
-          # orbax's barriers through the coordination service (long timeouts) instead of gloo collectives, whose
-          # 30 s rendezvous timeout a process that is slower to start (2 cores for 2 processes) can overrun.
-          "--experimental_orbax_use_distributed_barrier"]
+          "--config.checkpoint_every_steps=1", f"--config.keep_checkpoints={STEPS}",
+          "--config.optim.warmup_iters=0", "--config.optim.optimizer=sgd",
+          f"--config.optim.learning_rate={LR}", f"--config.optim.base_batch_size={BATCH}"]
 
 
 def _free_port():
@@ -85,7 +87,7 @@ def launch(env, workdir, processes):
   port = _free_port()
   procs, logs = [], []
   for i in range(processes):
-    e = dict(env["env"], XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // processes}")
+    e = dict(env["env"], XLA_FLAGS=xla_flags(DEVICES // processes))
     if processes > 1:
       e.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
     log = os.path.join(log_dir, f"{os.path.basename(str(workdir))}_p{i}.log")
@@ -138,28 +140,40 @@ def cut_back(src, dst, step):
   return dst
 
 
-def param_drift(workdir, reference, base_step):
-  """||params(workdir) - params(reference)|| at STEPS over ||params(reference) at STEPS - at base_step||."""
-  a, b, b0 = (load_variables(w, s)["params"] for w, s in ((workdir, STEPS), (reference, STEPS),
-                                                           (reference, base_step)))
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  sq = lambda xs, ys: sum(float(np.sum((np.float64(x) - np.float64(y)) ** 2)) for x, y in zip(xs, ys))
-  return (sq(jax.tree.leaves(a), jax.tree.leaves(b)) / sq(jax.tree.leaves(b), jax.tree.leaves(b0))) ** 0.5
+def params(workdir, step):
+  return jax.tree.leaves(load_variables(workdir, step)["params"])
 
 
-def assert_same_training(workdir, reference, steps, loss_rtol, param_rtol):
-  """Same data (num_positives) and losses within loss_rtol[step] at each of `steps`; params at STEPS within
-  param_rtol of how far the reference's moved from checkpoint 2; the end-of-run evaluation ran."""
-  ref, got = train_metrics(reference), train_metrics(workdir)
+def distance(xs, ys):
+  """||xs - ys|| over all leaves (float64)."""
+  return sum(float(np.sum((np.float64(x) - np.float64(y)) ** 2)) for x, y in zip(xs, ys)) ** 0.5
+
+
+def assert_same_training(workdir, reference, first):
+  """`workdir`'s run (from step `first`) against `reference`'s from the same state at `first`: see the module
+  docstring. Also checks that the end-of-run evaluation ran."""
+  got, ref = train_metrics(workdir), train_metrics(reference)
+  steps = range(first + 1, STEPS + 1)
   assert sorted(got) == list(steps), sorted(got)
   for step in steps:
     assert got[step]["train/num_positives"] == ref[step]["train/num_positives"], f"data differ at step {step}"
-    np.testing.assert_allclose(got[step]["train/loss"], ref[step]["train/loss"], rtol=loss_rtol[step],
-                               err_msg=f"step {step}")
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert any("eval/AP" in line for line in f)  # the end-of-run evaluation gathered every process's detections
-  drift = param_drift(workdir, reference, 2)
-  assert drift < param_rtol, drift
+  same_state = [first + 1] + ([2] if first == 0 else [])
+  for step in same_state:
+    np.testing.assert_allclose(got[step]["train/loss"], ref[step]["train/loss"], rtol=LOSS_RTOL,
+                               err_msg=f"step {step}")
+  if first > 0:  # the checkpoint `first` is the shared state
+    moved = distance(params(reference, first + 1), params(reference, first))
+    assert distance(params(workdir, first + 1), params(reference, first + 1)) <= ONE_STEP_DRIFT * moved
+  for step in steps:
+    if step in same_state:
+      continue
+    drift = distance(params(workdir, step - 1), params(reference, step - 1))
+    explained = 2 * ref[step]["train/grad_norm"] * drift + LOSS_RTOL * abs(ref[step]["train/loss"])
+    difference = abs(got[step]["train/loss"] - ref[step]["train/loss"])
+    assert difference <= explained, (f"step {step}: loss {got[step]['train/loss']} vs {ref[step]['train/loss']}, "
+                                     f"more than the parameter drift {drift:.3g} explains ({explained:.3g})")
 
 
 @pytest.fixture(scope="module")
@@ -176,21 +190,21 @@ def run_b(env, run_a):  # after A: the two would compete for the 2 cores
   return workdir
 
 
-SAME_STATE = {3: 1e-5, 4: 1e-5}
-
-
 def test_two_processes_train_as_one(run_a, run_b):
-  assert sorted(os.listdir(os.path.join(run_b, "checkpoints"))) == ["2", "4"]
-  assert_same_training(run_b, run_a, range(1, STEPS + 1), {1: 1e-5, 2: 1e-5, 3: 1e-3, 4: 1e-3}, 0.1)
+  assert sorted(os.listdir(os.path.join(run_b, "checkpoints"))) == [str(s) for s in range(1, STEPS + 1)]
+  assert_same_training(run_b, run_a, 0)
+  # Step 1 started from the same initialisation, which is not checkpointed: its drift against step 2's movement.
+  moved = distance(params(run_a, 2), params(run_a, 1))
+  assert distance(params(run_b, 1), params(run_a, 1)) <= ONE_STEP_DRIFT * moved
 
 
 def test_two_process_checkpoint_resumes_in_one_process(env, run_b):
   workdir = cut_back(run_b, env["tmp"] / "C_2to1", 2)
   launch(env, workdir, 1)
-  assert_same_training(workdir, run_b, range(3, STEPS + 1), SAME_STATE, 0.01)
+  assert_same_training(workdir, run_b, 2)
 
 
 def test_one_process_checkpoint_resumes_in_two_processes(env, run_a):
   workdir = cut_back(run_a, env["tmp"] / "D_1to2", 2)
   launch(env, workdir, PROCESSES)
-  assert_same_training(workdir, run_a, range(3, STEPS + 1), SAME_STATE, 0.01)
+  assert_same_training(workdir, run_a, 2)

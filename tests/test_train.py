@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ssdlite_jax import checkpoint
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -24,7 +25,7 @@ def env(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("train")
   e = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
            JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
-  e.pop("XLA_FLAGS", None)
+  e["XLA_FLAGS"] = xla_flags()
   return {"env": e, "data_dir": str(tmp / "tfds")}
 
 
