@@ -32,16 +32,16 @@ def median(xs):
   return statistics.median(xs)
 
 
-def run_worker(script: str, args, env=None):
-  """Runs `python script args` in a fresh process; returns the dict printed on its last 'RESULT ' line."""
-  cmd = [sys.executable, script] + [str(a) for a in args]
+def run_worker(module: str, args, env=None):
+  """Runs `python -m module args` (from the repository root) in a fresh process; returns the dict printed on its
+  last 'RESULT ' line."""
+  cmd = [sys.executable, "-m", module] + [str(a) for a in args]
   full_env = dict(os.environ)
-  full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
   full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if env:
     full_env.update(env)
-  proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  proc = subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
   if proc.returncode != 0 or not lines:
     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
     raise RuntimeError(f"worker {cmd} failed with exit code {proc.returncode}")
@@ -54,15 +54,15 @@ def add_worker_flags(parser):
   parser.add_argument("--worker", choices=["jax", "torch"], default=None)
 
 
-def ours_and_torchvision(script: str, args, forwarded, worker_jax, worker_torch):
+def ours_and_torchvision(module: str, args, forwarded, worker_jax, worker_torch):
   """Worker mode (--worker): runs that worker, prints its result and returns None. Otherwise runs each side
-  (--only limits it) in a fresh subprocess of `script` with `forwarded` flags and returns (ours, torchvision),
-  None for a side not run."""
+  (--only limits it) in a fresh subprocess of `module` (e.g. "bench.inference") with `forwarded` flags and
+  returns (ours, torchvision), None for a side not run."""
   if args.worker:
     emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
     return None
-  ours = run_worker(script, forwarded + ["--worker", "jax"]) if args.only != "torchvision" else None
-  tv = run_worker(script, forwarded + ["--worker", "torch"]) if args.only != "ours" else None
+  ours = run_worker(module, forwarded + ["--worker", "jax"]) if args.only != "torchvision" else None
+  tv = run_worker(module, forwarded + ["--worker", "torch"]) if args.only != "ours" else None
   return ours, tv
 
 

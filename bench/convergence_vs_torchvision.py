@@ -1,6 +1,6 @@
 """Convergence side by side: ours (train.py) vs torchvision's ssdlite320 trained on the same data.
 
-  python bench/convergence_vs_torchvision.py [--steps 625] [--batch 8] [--data_dir ~/tensorflow_datasets]
+  python -m bench.convergence_vs_torchvision [--steps 625] [--batch 8] [--data_dir ~/tensorflow_datasets]
 
 Both train from scratch on the embedded synthetic COCO-format folder with the same recipe as
 configs/synthetic.py (AdamW lr 2e-3, wd 1e-4, linear warmup from 0.001x over 100 steps, per-step cosine to 0,
@@ -23,11 +23,10 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from ssdlite_jax.data import synthetic
+from ssdlite_jax.evaluation import coco_metrics
 
-from ssdlite_jax.data import synthetic  # noqa: E402
-from ssdlite_jax.evaluation import coco_metrics  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CocoFolder(torch.utils.data.Dataset):
@@ -121,12 +120,12 @@ def train_ours(data_dir, workdir, steps, batch, seed):
          f"--config.batch_size={batch}", f"--config.seed={seed}", "--config.eval_every_epochs=0",
          f"--config.num_epochs={math.ceil(steps * batch / 1000)}"]
   t0 = time.time()
-  proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
+  proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode:
     sys.exit(f"train.py failed:\n{proc.stderr[-3000:]}")
   elapsed = time.time() - t0
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    evals = [json.loads(l) for l in f if '"eval/AP"' in l]
+    evals = [json.loads(line) for line in f if '"eval/AP"' in line]
   return {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")}, elapsed
 
 
@@ -150,7 +149,8 @@ def main():
   print(f"\n{'':24s}{'ssdlite-jax':>14s}{'torchvision':>14s}")
   for k in ("AP", "AP50", "AP75", "AR100"):
     print(f"{k:24s}{ours[k]:14.3f}{theirs[k]:14.3f}")
-  print(f"{'training wall time (s)':24s}{ours_s:14.0f}{tv_s:14.0f}   (ours: whole train.py run, compiles and eval included)")
+  print(f"{'training wall time (s)':24s}{ours_s:14.0f}{tv_s:14.0f}"
+        "   (ours: whole train.py run, compiles and eval included)")
   print(json.dumps({"bench": "convergence_vs_torchvision", "steps": args.steps, "batch": args.batch,
                     "ours": ours, "torchvision": theirs, "ours_seconds": ours_s, "torchvision_seconds": tv_s}))
 

@@ -1,6 +1,6 @@
 """End-to-end inference: our Predictor vs torchvision's ssdlite320_mobilenet_v3_large (eval), CPU or any backend.
 
-  python bench/inference.py [--runs 30] [--throughput_batch 32] [--num_classes 91]
+  python -m bench.inference [--runs 30] [--throughput_batch 32] [--num_classes 91]
 
 uint8 480x640 RGB images -> detections, resize and NMS included: batch-1 latency (median of --runs calls after
 warm-up) and images/s at --throughput_batch; torchvision in eval mode under torch.inference_mode with the
@@ -15,12 +15,9 @@ Prints a table and one JSON line.
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import common  # noqa: E402
+from bench import common
 
 
 def worker_torch(args):
@@ -102,7 +99,7 @@ def main():
   args = p.parse_args()
   fwd = ["--runs", args.runs, "--throughput_batch", args.throughput_batch, "--throughput_runs",
          args.throughput_runs, "--num_classes", args.num_classes, "--seed", args.seed]
-  results = common.ours_and_torchvision(os.path.abspath(__file__), args, fwd, worker_jax, worker_torch)
+  results = common.ours_and_torchvision(__spec__.name, args, fwd, worker_jax, worker_torch)
   if results is None:
     return
   ours, tv = results

@@ -1,6 +1,6 @@
 """Training input pipeline throughput (images/s) on the embedded synthetic dataset.
 
-  python bench/input_pipeline.py [--data_dir DIR] [--batch 32] [--steps 40] [--augmentation ssdlite]
+  python -m bench.input_pipeline [--data_dir DIR] [--batch 32] [--steps 40] [--augmentation ssdlite]
 
 Prints a table and one JSON line. tf.data uses every core this process may run on; per-core = total / cores.
 """
@@ -8,13 +8,11 @@ Prints a table and one JSON line. tf.data uses every core this process may run o
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssdlite_jax.data import pipeline  # noqa: E402
+from ssdlite_jax.data import pipeline
 
 
 def main():

@@ -1,25 +1,21 @@
 """Sub-graph timings of the CPU train step: forward, forward+backward, loss, optimizer, depthwise layers.
 
-  python bench/profile_train.py [--batch 8] [--parts fwd,grad,loss,lossgrad,opt,dw]
+  python -m bench.profile_train [--batch 8] [--parts fwd,grad,loss,lossgrad,opt,dw]
 """
 
 import argparse
 import functools
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench import common  # noqa: E402
-from ssdlite_jax import optim  # noqa: E402
-from ssdlite_jax.losses import multibox_loss  # noqa: E402
-from ssdlite_jax.models import build_model, default_model_config  # noqa: E402
-from ssdlite_jax.models import layers  # noqa: E402
+from bench import common
+from ssdlite_jax import optim
+from ssdlite_jax.losses import multibox_loss
+from ssdlite_jax.models import build_model, default_model_config
+from ssdlite_jax.models import layers
 
 
 def bench(name, fn, *args, n=5):
@@ -54,8 +50,8 @@ def main():
 
   def loss_fn(params, bs, x):
     out, upd = fwd(params, bs, x)
-    l = multibox_loss(out["cls_logits"], out["bbox_regression"], anchors, boxes, labels, mask)
-    return l["bbox_regression"] + l["classification"]
+    losses = multibox_loss(out["cls_logits"], out["bbox_regression"], anchors, boxes, labels, mask)
+    return losses["bbox_regression"] + losses["classification"]
 
   if "fwd" in parts:
     bench("forward (train mode)", fwd, variables["params"], variables["batch_stats"], images, n=args.n)

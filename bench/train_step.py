@@ -1,6 +1,6 @@
 """Training throughput: our jitted train step vs torchvision's ssdlite320_mobilenet_v3_large (CPU or any backend).
 
-  python bench/train_step.py [--batch 24] [--steps 5] [--num_classes 91] [--depthwise_impl auto]
+  python -m bench.train_step [--batch 24] [--steps 5] [--num_classes 91] [--depthwise_impl auto]
 
 Each framework runs in its own subprocess (so the RSS high-water marks are separable) on the same synthetic
 batch (320x320 images, so torchvision's resize is the identity; 1-4 boxes per image), same thread count.
@@ -11,12 +11,9 @@ Measured: forward + loss + backward + SGD(momentum 0.9, wd 4e-5) update; median 
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import common  # noqa: E402
+from bench import common
 
 
 def worker_torch(args):
@@ -91,7 +88,7 @@ def main():
   args = p.parse_args()
   fwd = ["--batch", args.batch, "--steps", args.steps, "--warmup", args.warmup, "--num_classes",
          args.num_classes, "--depthwise_impl", args.depthwise_impl, "--dtype", args.dtype, "--seed", args.seed]
-  results = common.ours_and_torchvision(os.path.abspath(__file__), args, fwd, worker_jax, worker_torch)
+  results = common.ours_and_torchvision(__spec__.name, args, fwd, worker_jax, worker_torch)
   if results is None:
     return
   ours, tv = results

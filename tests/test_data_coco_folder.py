@@ -158,8 +158,8 @@ def test_unknown_image_names_annotation(tmp_path):
 
 
 def test_non_finite_box_names_annotation(tmp_path):
-  _bad(tmp_path, [_image(1, "a.jpg", PIL.Image.new("RGB", (W, H)))], [{**_ann(19, 1, 3, [1, 1, 5, 5]), "bbox": [1, 1, None, 5]}],
-       r"annotation id 19 has an invalid bbox")
+  _bad(tmp_path, [_image(1, "a.jpg", PIL.Image.new("RGB", (W, H)))],
+       [{**_ann(19, 1, 3, [1, 1, 5, 5]), "bbox": [1, 1, None, 5]}], r"annotation id 19 has an invalid bbox")
 
 
 def test_exif_rotated_size_mismatch_is_explained(tmp_path):

@@ -99,7 +99,7 @@ def parity_setup(tmp_path_factory):
 
 def test_parity_with_torchvision_via_eval_run(parity_setup, tmp_path):
   """eval.py's code path (--torch-weights, coco_folder data) reproduces torchvision + pycocotools."""
-  import eval as eval_main
+  from ssdlite_jax.cli import eval as eval_main
   out = str(tmp_path / "out")
   metrics = eval_main.run(parity_setup["config"], torch_weights=parity_setup["weights"], out_dir=out)
   reference = parity_setup["reference"]
@@ -116,7 +116,7 @@ def test_parity_with_torchvision_via_eval_run(parity_setup, tmp_path):
 
 
 def test_eval_run_rejects_bad_arguments(parity_setup):
-  import eval as eval_main
+  from ssdlite_jax.cli import eval as eval_main
   config = parity_setup["config"]
   with pytest.raises(ValueError, match="exactly one"):
     eval_main.run(config)
@@ -130,7 +130,7 @@ def test_eval_run_rejects_bad_arguments(parity_setup):
 
 def test_eval_run_from_workdir_checkpoint(parity_setup, tmp_path):
   """--workdir: the model and its config come from WORKDIR/checkpoints (the latest step by default)."""
-  import eval as eval_main
+  from ssdlite_jax.cli import eval as eval_main
   from ssdlite_jax import checkpoint, porting
   from ssdlite_jax.models import build_model
   config = parity_setup["config"]
@@ -149,7 +149,7 @@ def test_eval_run_from_workdir_checkpoint(parity_setup, tmp_path):
 
 def _eval_cli(*args, cwd=REPO):
   return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], cwd=cwd, capture_output=True,
-                        text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+                        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def test_eval_cli_torch_weights(parity_setup, tmp_path):

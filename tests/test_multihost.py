@@ -51,7 +51,7 @@ def env(tmp_path_factory):
   cfg = pipeline.default_data_config()
   cfg.update(data_dir=data_dir, synthetic_num_train=24, synthetic_num_val=6)
   pipeline.dataset_info(cfg)  # generate the dataset once: concurrent processes would race to write it
-  e = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
+  e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
   for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     e.pop(key, None)
   return {"env": e, "data_dir": data_dir, "tmp": tmp}

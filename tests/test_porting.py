@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import port_weights
-import predict
+from ssdlite_jax.cli import port_weights, predict
 from ssdlite_jax import checkpoint, porting
 from ssdlite_jax.inference import to_rgb_uint8
 from ssdlite_jax.models import build_model, default_model_config
@@ -159,9 +158,9 @@ def test_checkpoint_from_more_devices_loads_on_one(tmp_path):
       "from ssdlite_jax.models import default_model_config\n"
       "mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))\n"
       "v = {'params': {'a': np.arange(6, dtype=np.float32)}, 'batch_stats': {'n': np.int32(3)}}\n"
-      "checkpoint.save_variables(sys.argv[1], 5, jax.device_put(v, NamedSharding(mesh, P())), default_model_config())\n")
-  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], env=env, check=True, capture_output=True)
+      "v = jax.device_put(v, NamedSharding(mesh, P()))\n"
+      "checkpoint.save_variables(sys.argv[1], 5, v, default_model_config())\n")
+  subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], check=True, capture_output=True)
   variables, cfg, step = checkpoint.load_variables(str(tmp_path / "ckpt"))
   assert step == 5 and cfg.num_classes == 91
   np.testing.assert_array_equal(variables["params"]["a"], np.arange(6, dtype=np.float32))

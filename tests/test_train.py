@@ -23,7 +23,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("train")
-  e = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
+  e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
            JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
   e["XLA_FLAGS"] = xla_flags()
   return {"env": e, "data_dir": str(tmp / "tfds")}

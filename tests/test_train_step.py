@@ -63,7 +63,7 @@ def _small_batch(n, seed=0, dtype=np.float32):
 @pytest.fixture(scope="module", autouse=True)
 def multidevice_process():
   """The 8-device checks, running in the background while the other tests of this module run."""
-  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags(NUM_DEVICES))
+  env = dict(os.environ, XLA_FLAGS=xla_flags(NUM_DEVICES))
   proc = subprocess.Popen([sys.executable, "-m", "tests.test_train_step"], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   yield proc
@@ -79,8 +79,9 @@ def multidevice_process():
 FLOAT64_UPDATE_RTOL, FLOAT64_NOISE_RTOL = 1e-9, 1e-12
 # float32: every float32 step, torchvision's own included, differs from the float64 step by its rounding and by the
 # few pre-activations that round to the other side of a kink (here 3 BN outputs in our forward and 5 in
-# torchvision's cross 0, 6 or +-3 between float32 and float64; which ones depends on the CPU's summation order). A flipped ReLU input removes one term from the heavily cancelling BN-bias
-# gradients upstream of it, so those tensors, and only those, move by up to hundreds of times the rounding floor.
+# torchvision's cross 0, 6 or +-3 between float32 and float64; which ones depends on the CPU's summation order).
+# A flipped ReLU input removes one term from the heavily cancelling BN-bias gradients upstream of it, so those
+# tensors, and only those, move by up to hundreds of times the rounding floor.
 # Per tensor, err = ||step - float64 step|| / ||float64 update||, and torchvision's float32 err is the floor.
 # Measured ratios ours / floor, shift ('auto') and xla paths, AMD EPYC (AVX2) natively and with XLA limited to
 # AVX and SSE4.2 (torch at its default ISA): median 1.02 / 1.02, 0.99 / 0.98, 1.00 / 0.99; worst tensor 85 / 85,
@@ -114,8 +115,8 @@ def _torch_sgd_step(dtype_name, images):
   if dtype == torch.float64:
     _with_exact_hardsigmoid(model)
   opt = torch.optim.SGD(model.parameters(), lr=0.15, momentum=0.9, weight_decay=4e-5)
-  targets = [dict(boxes=torch.from_numpy(b[m]).to(dtype), labels=torch.from_numpy(l[m].astype(np.int64)))
-             for b, l, m in zip(BOXES, LABELS, MASK)]
+  targets = [dict(boxes=torch.from_numpy(b[m]).to(dtype), labels=torch.from_numpy(c[m].astype(np.int64)))
+             for b, c, m in zip(BOXES, LABELS, MASK)]
   losses = model(list(to_nchw(images).to(dtype)), targets)
   opt.zero_grad()
   sum(losses.values()).backward()

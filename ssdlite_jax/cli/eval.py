@@ -23,6 +23,8 @@ from typing import Dict, Optional
 from absl import app, flags
 from ml_collections import config_flags
 
+from ssdlite_jax.cli import run_absl_program
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (checkpoints in WORKDIR/checkpoints)")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "orbax checkpoint directory")
@@ -99,5 +101,10 @@ def main(argv):
     sys.exit(f"error: {e}")
 
 
+def cli():
+  """The `ssdlite-eval` program."""
+  run_absl_program(main, __name__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Callable, Dict, Iterator, Optional
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 # torch (used only to read .pth init weights) must be imported before TensorFlow.
@@ -30,15 +30,17 @@ except ImportError:
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-import tensorflow as tf
 import tqdm
 
 from ssdlite_jax import checkpoint, distributed, evaluation, porting, train_step as ts
-from ssdlite_jax.data import pipeline, sources
+from ssdlite_jax.cli import run_absl_program
+from ssdlite_jax.data import pipeline, sources  # before tensorflow: it says where TF comes from when missing
 from ssdlite_jax.inference import Predictor
 from ssdlite_jax.models import Detector, build_model
 from ssdlite_jax.optim import make_optimizer
 from ssdlite_jax.visualize import draw_detections
+
+import tensorflow as tf  # TensorBoard writers (after pipeline: see above)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).", lock_config=True)
@@ -280,5 +282,10 @@ def main(argv):
     sys.exit(f"error: {e}")
 
 
+def cli():
+  """The `ssdlite-train` program."""
+  run_absl_program(main, __name__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

@@ -24,8 +24,12 @@ import os
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+try:
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+except ImportError as e:
+  raise ImportError(f"{e}: the input pipelines (train.py, eval.py, configs/) need TensorFlow and TFDS: "
+                    "pip install 'ssdlite-jax[data]', or -r requirements.txt") from e
 
 from ssdlite_jax.data import augment, cleaning, sources
 
