@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from ssdlite_jax import box_coder
 from ssdlite_jax.matcher import match_anchors
+from ssdlite_jax.models.layers import wide_dtype
 
 
 def _smooth_l1(x):
@@ -51,7 +52,7 @@ def multibox_loss(cls_logits, bbox_regression, anchors, boxes, labels, mask, neg
     (already divided by max(1, N)) and N, the count of foreground (matched) anchors, all float32
     (float64 for float64 logits).
   """
-  dtype = jnp.promote_types(cls_logits.dtype, jnp.float32)
+  dtype = wide_dtype(cls_logits.dtype)
   anchors = jnp.asarray(anchors, dtype)
   cls_logits = cls_logits.astype(dtype)
   bbox_regression = bbox_regression.astype(dtype)
