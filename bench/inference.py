@@ -49,7 +49,8 @@ def worker_jax(args):
   import jax.numpy as jnp
   import numpy as np
   from ssdlite_jax import postprocess
-  from ssdlite_jax.inference import Predictor, postprocess_kwargs
+  from ssdlite_jax.detect import postprocess_kwargs
+  from ssdlite_jax.inference import Predictor
   from ssdlite_jax.models import build_model, default_model_config
   cfg = default_model_config()
   cfg.num_classes = args.num_classes

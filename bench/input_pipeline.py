@@ -26,9 +26,9 @@ def main():
   cfg = pipeline.default_data_config()
   cfg.update(data_dir=args.data_dir, augmentation=args.augmentation)
   start = time.perf_counter()
-  pipeline.dataset_info(cfg)  # generates and prepares the dataset on first use
+  source = pipeline.open_source(cfg)  # generates and prepares the dataset on first use
   prepare_s = time.perf_counter() - start
-  it = pipeline.create_train_dataset(cfg, global_batch_size=args.batch, image_size=(320, 320), seed=0,
+  it = pipeline.create_train_dataset(source, global_batch_size=args.batch, image_size=(320, 320), seed=0,
                                      process_index=0, process_count=1)
   for _ in range(args.warmup):
     next(it)

@@ -14,8 +14,8 @@ import numpy as np
 from bench import common
 from ssdlite_jax import optim
 from ssdlite_jax.losses import multibox_loss
-from ssdlite_jax.models import build_model, default_model_config
-from ssdlite_jax.models import layers
+from ssdlite_jax.kernels.depthwise import depthwise_conv
+from ssdlite_jax.models import build_model, default_model_config, layers
 
 
 def bench(name, fn, *args, n=5):
@@ -33,13 +33,13 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--num_classes", type=int, default=91)
   p.add_argument("--parts", default="fwd,grad,loss,lossgrad,opt")
-  p.add_argument("--impl", default="auto")
+  p.add_argument("--kernels", default="auto", help="model.kernels: auto | cpu | xla")
   p.add_argument("--n", type=int, default=5)
   args = p.parse_args()
   parts = args.parts.split(",")
   cfg = default_model_config()
   cfg.num_classes = args.num_classes
-  cfg.depthwise_impl = args.impl
+  cfg.kernels = args.kernels
   det = build_model(cfg)
   variables = det.init(jax.random.PRNGKey(0))
   images, boxes, labels, mask = common.synthetic_train_batch(args.batch, 320, args.num_classes)
@@ -84,7 +84,7 @@ def main():
       x = jnp.asarray(rng.standard_normal((args.batch, h, h, c), np.float32))
       w = jnp.asarray(rng.standard_normal((k, k, 1, c), np.float32))
       pad = layers._pad(k)
-      f = functools.partial(layers.depthwise_conv_shift, stride=s, padding=pad)
+      f = functools.partial(depthwise_conv, stride=s, padding=pad)
       def fb(x, w, f=f):
         y, vjp = jax.vjp(f, x, w)
         return vjp(y)

@@ -1,6 +1,6 @@
 """Training throughput: our jitted train step vs torchvision's ssdlite320_mobilenet_v3_large (CPU or any backend).
 
-  python -m bench.train_step [--batch 24] [--steps 5] [--num_classes 91] [--depthwise_impl auto]
+  python -m bench.train_step [--batch 24] [--steps 5] [--num_classes 91] [--kernels auto]
 
 Each framework runs in its own subprocess (so the RSS high-water marks are separable) on the same synthetic
 batch (320x320 images, so torchvision's resize is the identity; 1-4 boxes per image), same thread count.
@@ -49,7 +49,7 @@ def worker_jax(args):
   from ssdlite_jax.train_step import create_train_state, make_train_step
   cfg = default_model_config()
   cfg.num_classes = args.num_classes
-  cfg.depthwise_impl = args.depthwise_impl
+  cfg.kernels = args.kernels
   cfg.dtype = args.dtype
   detector = build_model(cfg)
   ocfg = optim.default_optim_config()
@@ -70,7 +70,7 @@ def worker_jax(args):
     return float(jax.block_until_ready(metrics["loss"]))
 
   times = common.time_calls(run, args.steps, args.warmup)
-  return {"framework": "ours", "backend": jax.default_backend(), "depthwise_impl": args.depthwise_impl,
+  return {"framework": "ours", "backend": jax.default_backend(), "kernels": detector.kernels,
           "dtype": args.dtype, "step_s": common.median(times), "step_times_s": [round(t, 4) for t in times],
           "compile_s": compile_s, "peak_rss_mb": common.peak_rss_mb(), "loss": run()}
 
@@ -81,13 +81,13 @@ def main():
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--num_classes", type=int, default=91)
-  p.add_argument("--depthwise_impl", default="auto")
+  p.add_argument("--kernels", default="auto", help="model.kernels: auto | cpu | xla")
   p.add_argument("--dtype", default="float32")
   p.add_argument("--seed", type=int, default=0)
   common.add_worker_flags(p)
   args = p.parse_args()
   fwd = ["--batch", args.batch, "--steps", args.steps, "--warmup", args.warmup, "--num_classes",
-         args.num_classes, "--depthwise_impl", args.depthwise_impl, "--dtype", args.dtype, "--seed", args.seed]
+         args.num_classes, "--kernels", args.kernels, "--dtype", args.dtype, "--seed", args.seed]
   results = common.ours_and_torchvision(__spec__.name, args, fwd, worker_jax, worker_torch)
   if results is None:
     return

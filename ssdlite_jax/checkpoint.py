@@ -1,9 +1,12 @@
-"""Orbax checkpoints: one CheckpointManager directory shared by train.py, eval.py, predict.py and
-port_weights.py.
+"""Orbax checkpoints: the one directory layout that train.py writes and eval.py, predict.py, port_weights.py
+and train.py's init_from read (through loading.load_detector).
 
-Layout: CKPT_DIR/<step>/{variables, model[, train, meta]}: `variables` = {"params", "batch_stats"}
-(StandardSave), `model` = the model config as JSON, `train` = optimizer state and counters (train.py only),
-`meta` = JSON extras (metrics). Saves are atomic: a killed writer leaves no half checkpoint.
+Layout: CKPT_DIR/<step>/ with the items
+  variables  {"params", "batch_stats"} of the model (StandardSave; BN's num_batches_tracked included)
+  model      the model config (JSON), so a checkpoint rebuilds its own model
+  train      {"opt_state", "step", "rng"} of the TrainState (train.py only)
+and, for train.py's evaluated steps, orbax's per-step metrics (the 12 COCO metrics; the best "AP" is kept).
+Saves are atomic: a killed writer leaves no half checkpoint.
 """
 
 import os
@@ -16,17 +19,47 @@ import orbax.checkpoint as ocp
 from ssdlite_jax.models import default_model_config
 
 
-def manager(ckpt_dir: str, max_to_keep: Optional[int] = None, best_fn=None,
-            save_interval_steps: int = 1) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, best_fn=best_fn,
-      best_mode="max", keep_checkpoints_without_metrics=True, create=True)
+def _variables_manager(ckpt_dir: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=ocp.CheckpointManagerOptions(create=True))
+
+
+def train_manager(ckpt_dir: str, keep: int) -> ocp.CheckpointManager:
+  """train.py's manager: asynchronous saves; keeps the last `keep` steps and the best by metrics["AP"]."""
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(n=keep),
+      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["AP"], reverse=True, n=1,
+                                    keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
+
+
+def save_train_state(mngr: ocp.CheckpointManager, state, model_config: ml_collections.ConfigDict,
+                     metrics: Optional[Dict[str, float]] = None) -> None:
+  """Saves a train_step.TrainState as checkpoint `state.step` (async) unless that step is already saved."""
+  if int(state.step) in mngr.all_steps():
+    return
+  train_items = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+  mngr.save(int(state.step), metrics=metrics, force=True, args=ocp.args.Composite(
+      variables=ocp.args.StandardSave(state.variables),
+      model=ocp.args.JsonSave(model_config.to_dict()),
+      train=ocp.args.StandardSave(train_items)))
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, state, step: int):
+  """`state` (a TrainState giving the shapes and shardings) with checkpoint `step`'s values."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore(abstract.variables),
+      train=ocp.args.StandardRestore({"opt_state": abstract.opt_state, "step": abstract.step,
+                                      "rng": abstract.rng})))
+  v, t = restored["variables"], restored["train"]
+  return state.replace(params=v["params"], batch_stats=v["batch_stats"], **t)
 
 
 def save_variables(ckpt_dir: str, step: int, variables, model_config: ml_collections.ConfigDict) -> None:
   """Writes variables + model config as checkpoint `step` and waits for it to be committed."""
-  with manager(ckpt_dir) as mngr:
+  with _variables_manager(ckpt_dir) as mngr:
     mngr.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables),
         model=ocp.args.JsonSave(model_config.to_dict())), force=True)
@@ -38,7 +71,7 @@ def load_variables(ckpt_dir: str, step: Optional[int] = None
   """(variables, model config, step) of checkpoint `step` (default: the latest) in `ckpt_dir`."""
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f"{ckpt_dir}: no such checkpoint directory")
-  with manager(ckpt_dir) as mngr:
+  with _variables_manager(ckpt_dir) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint in this directory")

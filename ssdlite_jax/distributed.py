@@ -6,7 +6,7 @@ along their leading axis, each process contributing its own rows.
 
 import collections
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -81,3 +81,16 @@ def shard_batch(batch: Dict[str, Any], mesh: jax.sharding.Mesh) -> Dict[str, jax
                        f"of its {num_local} devices in the mesh")
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
+
+
+def prefetch_to_mesh(batches: Iterable[Dict[str, Any]], mesh: jax.sharding.Mesh, size: int = 2
+                     ) -> Iterator[Dict[str, jax.Array]]:
+  """shard_batch of each local batch, `size - 1` batches ahead: the host-to-device copies of the next batch
+  overlap the current step (as flax.jax_utils.prefetch_to_device)."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(shard_batch(batch, mesh))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

@@ -1,8 +1,10 @@
 """COCO bbox evaluation with pycocotools, as torchvision's references/detection CocoEvaluator.
 
-    detect_fn = make_detect_fn(detector)
-    batches, _ = pipeline.create_eval_dataset(cfg.data, global_batch_size=..., image_size=detector.image_size)
-    metrics = evaluate(detect_fn, variables, batches, info.label_to_category_id, info.gt_json, out_dir="eval")
+    detect_fn = detect.make_detect_fn(detector)
+    source = pipeline.open_source(config.data)
+    batches, _ = pipeline.create_eval_dataset(source, global_batch_size=..., image_size=detector.image_size)
+    metrics = evaluate(detect_fn, variables, batches, source.info.label_to_category_id, source.info.gt_json,
+                       out_dir="eval")
 
 Detections (padded, on device) -> COCO results {"image_id", "category_id", "bbox": [x, y, w, h] original
 pixels, "score"}; model labels become the ground truth's category ids through `label_to_category_id`
@@ -14,26 +16,18 @@ gathered to every process with `process_allgather`, process 0 runs COCOeval (and
 """
 
 import contextlib
-import functools
 import io
 import json
 import logging
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import jax
 import numpy as np
 
-from ssdlite_jax import distributed, inference
+from ssdlite_jax import distributed
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def make_detect_fn(detector) -> Callable:
-  """jitted fn(variables, images float32 [B, h, w, 3] in [0, 1] at the model size, orig_sizes int32 [B, 2]
-  (h, w)) -> padded detections {boxes [B, D, 4] xyxy original px, scores, labels, valid} (postprocess)."""
-  return jax.jit(functools.partial(inference.detect_resized, detector=detector,
-                                   **inference.postprocess_kwargs(detector)))
 
 
 def _collect(detect_fn, variables, eval_batches):

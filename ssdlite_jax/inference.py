@@ -2,7 +2,7 @@
 `model.eval()(images)`.
 
     from ssdlite_jax.inference import Predictor
-    predictor = Predictor.from_torch("ssdlite320.pth", num_classes=91)   # or Predictor.from_checkpoint(dir)
+    predictor = Predictor.from_torch("ssdlite320.pth")   # or Predictor.from_checkpoint(dir)
     dets = predictor([image])  # [{"boxes": [n, 4] xyxy px, "scores": [n], "labels": [n]}]
 """
 
@@ -10,12 +10,12 @@ import functools
 from typing import Dict, List, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ssdlite_jax import checkpoint, porting, postprocess, preprocess
+from ssdlite_jax import detect, preprocess
 from ssdlite_jax.data import coco_labels
-from ssdlite_jax.models import Detector, build_model, default_model_config
+from ssdlite_jax.loading import load_detector
+from ssdlite_jax.models import Detector
 
 
 def to_rgb_uint8(image, name: str = "image") -> np.ndarray:
@@ -49,21 +49,18 @@ class Predictor:
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
     self.canvas_multiple = canvas_multiple
-    self._detect = jax.jit(functools.partial(_detect, detector=detector, **postprocess_kwargs(detector)))
+    self._detect = jax.jit(functools.partial(_detect, detector=detector))
 
   @classmethod
-  def from_torch(cls, path: str, num_classes: int = 91, model_config=None, **kwargs) -> "Predictor":
-    """From a torchvision ssdlite320_mobilenet_v3_large state_dict (.pth or .safetensors)."""
-    cfg = model_config or default_model_config()
-    cfg.num_classes = num_classes
-    detector = build_model(cfg)
-    return cls(detector, porting.load_torchvision_weights(path, detector), **kwargs)
+  def from_torch(cls, path: str, model_config=None, **kwargs) -> "Predictor":
+    """From a torchvision state_dict (.pth or .safetensors); variant and class count are read from it unless
+    `model_config` is given (see loading.load_detector)."""
+    return cls(*load_detector(path, model_config)[:2], **kwargs)
 
   @classmethod
   def from_checkpoint(cls, ckpt_dir: str, step: Optional[int] = None, **kwargs) -> "Predictor":
-    """From an orbax checkpoint directory written by train.py or port_weights.py."""
-    variables, cfg, _ = checkpoint.load_variables(ckpt_dir, step)
-    return cls(build_model(cfg), variables, **kwargs)
+    """From an orbax checkpoint directory written by train.py or port_weights.py (step: default the latest)."""
+    return cls(*load_detector(ckpt_dir, step=step)[:2], **kwargs)
 
   @property
   def class_names(self) -> Sequence[str]:
@@ -100,22 +97,6 @@ class Predictor:
     return results
 
 
-def _detect(variables, canvas, taps_y, taps_x, orig_sizes, *, detector, **post_kwargs):
-  """uint8 canvas [B, Hc, Wc, 3] -> padded detections (see postprocess.postprocess)."""
-  images = preprocess.resize_batch(canvas, taps_y, taps_x)
-  return detect_resized(variables, images, orig_sizes, detector=detector, **post_kwargs)
-
-
-def postprocess_kwargs(detector: Detector) -> Dict:
-  """The post-processing settings of a detector's config, as keyword arguments of postprocess.postprocess."""
-  cfg = detector.config
-  return dict(score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, topk_candidates=cfg.topk_candidates,
-              detections_per_img=cfg.detections_per_img, weights=tuple(cfg.box_coder_weights))
-
-
-def detect_resized(variables, images, orig_sizes, *, detector, **post_kwargs):
-  """float32 [B, h, w, 3] images in [0, 1] already resized to the model size, orig_sizes [B, 2] (h, w) ->
-  padded detections in original pixels (see postprocess.postprocess)."""
-  out = detector.module.apply(variables, images, train=False)
-  return postprocess.postprocess(out["cls_logits"], out["bbox_regression"], jnp.asarray(detector.anchors),
-                                 orig_sizes, detector.image_size, **post_kwargs)
+def _detect(variables, canvas, taps_y, taps_x, orig_sizes, *, detector):
+  """uint8 canvas [B, Hc, Wc, 3] -> padded detections (see detect.detect)."""
+  return detect.detect(variables, preprocess.resize_batch(canvas, taps_y, taps_x), orig_sizes, detector=detector)

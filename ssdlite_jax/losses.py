@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from ssdlite_jax import box_coder
 from ssdlite_jax.matcher import match_anchors
-from ssdlite_jax.models.layers import wide_dtype
+from ssdlite_jax.dtypes import wide_dtype
 
 
 def _smooth_l1(x):

@@ -103,7 +103,7 @@ def flax_to_torch(variables, detector: Detector) -> StateDict:
       value = value.transpose(3, 2, 0, 1)
     elif path[-1] == "num_batches_tracked":
       value = value.astype(np.int64)
-    out[torch_key] = np.ascontiguousarray(value)
+    out[torch_key] = np.array(value, order="C")  # not ascontiguousarray: it makes 0-d counters 1-d
   return out
 
 
@@ -140,7 +140,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
   tmp = path + ".tmp"
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp)
+    save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, tmp)
   elif path.endswith((".pth", ".pt")):
     import torch
     torch.save(collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items()), tmp)
@@ -149,9 +149,8 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
   os.replace(tmp, path)
 
 
-def load_torchvision_weights(path: str, detector: Detector, skip_mismatched: bool = False, rng=None):
-  """torch_to_flax(load_state_dict(path)), with the file name in any error."""
-  try:
-    return torch_to_flax(load_state_dict(path), detector, skip_mismatched, rng)
-  except ValueError as e:
-    raise ValueError(f"{path}: {e}") from None
+def transfer(variables, source: Detector, target: Detector, rng) -> Tuple[Dict, List[str]]:
+  """`source`'s variables as `target`'s (fine-tuning, e.g. to another num_classes): every tensor whose
+  torchvision key and shape agree is copied, the others keep a fresh initialisation from `rng`.
+  Returns (variables, problems), one line per tensor not copied."""
+  return torch_to_flax(flax_to_torch(variables, source), target, skip_mismatched=True, rng=rng)

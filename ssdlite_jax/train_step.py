@@ -2,7 +2,7 @@
 
 One `jax.jit(jax.shard_map(...))` over a 1-D `data` mesh: each device runs the forward pass on its
 slice of the batch, with BatchNorm statistics over its own images (or over the whole batch with
-`sync_bn`) and the multibox loss normalised by its own number of positives; gradients, losses and
+sync BN) and the multibox loss normalised by its own number of positives; gradients, losses and
 the BN running statistics are then averaged across devices with `lax.pmean`, as DDP averages
 gradients (for the float BN statistics, which DDP leaves per rank, the average is the natural single
 copy; `num_batches_tracked` is equal everywhere and stays int32). The state is replicated
@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssdlite_jax.distributed import AXIS
 from ssdlite_jax.losses import multibox_loss
-from ssdlite_jax.models import Detector, build_model
+from ssdlite_jax.models import Detector
 
 BATCH_KEYS = ("image", "boxes", "labels", "mask")
 
@@ -73,20 +73,22 @@ def _mean_float_stats(batch_stats):
 
 
 def make_train_step(detector: Detector, tx: optax.GradientTransformation,
-                    schedule: Callable[[jax.Array], jax.Array], mesh: jax.sharding.Mesh,
-                    sync_bn: bool = False
+                    schedule: Callable[[jax.Array], jax.Array], mesh: jax.sharding.Mesh
                     ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
   """jit-compiled `step(state, batch) -> (state, metrics)`; `state` is donated.
 
   batch: shard_batch output with "image" [B, H, W, 3] in [0, 1], "boxes" [B, M, 4] xyxy px,
   "labels" [B, M] int32, "mask" [B, M] bool (other keys are ignored); B a multiple of the mesh size.
-  sync_bn: BN statistics over the whole batch (the model is rebuilt with bn_axis_name='data').
+  The detector's module runs as built: built with bn_axis_name=distributed.AXIS, its BN statistics are
+  over the whole batch (sync BN), else over each device's images.
   metrics (replicated scalars, left on device): loss, bbox_regression, classification (means of the
   per-device normalised losses), num_positives (sum over devices), lr (of this update), grad_norm
   (global norm of the averaged gradient), finite (bool; False = update skipped, see module doc).
   """
-  module = build_model(detector.config, bn_axis_name=AXIS).module if sync_bn else detector.module
-  anchors = detector.anchors
+  if detector.bn_axis_name not in (None, AXIS):
+    raise ValueError(f"the detector's bn_axis_name={detector.bn_axis_name!r}: the step maps axis {AXIS!r}")
+  sync_bn = detector.bn_axis_name == AXIS
+  module, anchors = detector.module, detector.anchors
 
   def per_device(state, batch):
     def loss_fn(params):

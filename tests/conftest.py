@@ -1,6 +1,6 @@
-"""Shared test setup: float32 at full precision, and torch imports that may skip only outside CI."""
+"""Shared test setup: torch before TensorFlow, float32 at full precision, the train.py environment fixture.
+Helpers live in tests/helpers.py."""
 
-import importlib
 import os
 
 try:  # torch/torchvision must be loaded before TensorFlow: the reverse order segfaults (torch 2.14 + TF 2.21)
@@ -15,21 +15,21 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def xla_flags(device_count=None):
-  """This process's XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2) for a subprocess, with its own simulated CPU
-  device count (none by default) instead of any inherited one."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  if device_count:
-    flags.append(f"--xla_force_host_platform_device_count={device_count}")
-  return " ".join(flags)
+@pytest.fixture(scope="session")
+def train_cli(tmp_path_factory):
+  """What train.py subprocesses share (test_train.py, test_multihost.py): the environment (a persistent
+  compilation cache, this process's XLA flags, no inherited multi-process settings), the tiny synthetic dataset
+  (generated here once: concurrent processes would race to write it) and a scratch directory."""
+  from ssdlite_jax.data import pipeline
+  from tests.helpers import xla_flags
 
-
-def import_or_skip(name):
-  """Imports `name` (e.g. "torchvision"); skips the test when missing, except under CI=true."""
-  try:
-    return importlib.import_module(name)
-  except ImportError:
-    if os.environ.get("CI") == "true":
-      raise
-    pytest.skip(f"{name} is not installed (pip install -r requirements-dev.txt)")
+  tmp = tmp_path_factory.mktemp("train_cli")
+  data_dir = str(tmp / "tfds")
+  cfg = pipeline.default_data_config()
+  cfg.update(data_dir=data_dir, synthetic_num_train=24, synthetic_num_val=6)
+  pipeline.open_source(cfg)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
+             XLA_FLAGS=xla_flags())
+  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(key, None)
+  return {"env": env, "data_dir": data_dir, "tmp": tmp}

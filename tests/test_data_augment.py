@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from tests.conftest import import_or_skip
+from tests.helpers import import_or_skip
 from scipy import stats
 
 from ssdlite_jax.data import augment
@@ -23,7 +23,8 @@ def _seed(i):
 def _crop(image, boxes, labels, seed):
   shape = tf.shape(image)
   window = augment.iou_crop_window(shape[0], shape[1], boxes, seed)
-  return window, augment.random_iou_crop(image, boxes, labels, seed)
+  out = augment.random_iou_crop({"image": image, "boxes": boxes, "labels": labels}, seed)
+  return window, (out["image"], out["boxes"], out["labels"])
 
 
 def test_iou_crop_invariants():
@@ -54,8 +55,8 @@ def test_iou_crop_without_boxes_returns_whole_image():
 def test_horizontal_flip_symmetry():
   flips = 0
   for i in range(20):
-    image, boxes = augment.random_horizontal_flip(tf.constant(IMAGE), tf.constant(BOXES), _seed(i))
-    image, boxes = image.numpy(), boxes.numpy()
+    out = augment.random_horizontal_flip({"image": tf.constant(IMAGE), "boxes": tf.constant(BOXES)}, _seed(i))
+    image, boxes = out["image"].numpy(), out["boxes"].numpy()
     if np.array_equal(image, IMAGE):
       np.testing.assert_array_equal(boxes, BOXES)
     else:
@@ -67,9 +68,11 @@ def test_horizontal_flip_symmetry():
 
 @pytest.mark.parametrize("kind", ["ssdlite", "ssd", "none"])
 def test_presets_keep_boxes_in_the_model_frame(kind):
-  fn = tf.function(lambda s: augment.augment(tf.constant(IMAGE), BOXES, LABELS, s, kind, (320, 320)))
+  example = {"image": tf.constant(IMAGE), "boxes": tf.constant(BOXES), "labels": tf.constant(LABELS)}
+  fn = tf.function(lambda s: augment.augment(example, s, kind, (320, 320)))
   for i in range(15):
-    image, boxes, labels = (t.numpy() for t in fn(_seed(i)))
+    out = fn(_seed(i))
+    image, boxes, labels = (out[k].numpy() for k in ("image", "boxes", "labels"))
     assert image.shape == (320, 320, 3) and image.dtype == np.float32
     assert 0 <= image.min() and image.max() <= 1
     assert ((boxes >= 0) & (boxes <= 320 * (1 + 1e-6))).all()  # float32 ratio, as torchvision
@@ -81,8 +84,8 @@ def test_presets_keep_boxes_in_the_model_frame(kind):
 
 def test_zoom_out_geometry():
   for i in range(10):
-    image, boxes = augment.random_zoom_out(tf.constant(IMAGE / 255.0, tf.float32), BOXES, _seed(i))
-    image, boxes = image.numpy(), boxes.numpy()
+    out = augment.random_zoom_out({"image": tf.constant(IMAGE), "boxes": tf.constant(BOXES)}, _seed(i))
+    image, boxes = out["image"].numpy(), out["boxes"].numpy()
     assert H <= image.shape[0] <= 4 * H and W <= image.shape[1] <= 4 * W
     left, top = boxes[0, 0] - BOXES[0, 0], boxes[0, 1] - BOXES[0, 1]
     np.testing.assert_allclose(image[int(top):int(top) + H, int(left):int(left) + W] * 255, IMAGE, atol=1e-3)

@@ -70,7 +70,7 @@ def cfg(manual_dir, tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(download_manager.DownloadManager, "_register_or_validate_checksums",
                lambda self, url, url_info, path: self._recorded_url_infos.__setitem__(url, url_info))
-    pipeline.dataset_info(cfg)
+    pipeline.open_source(cfg)
   return cfg
 
 
@@ -87,13 +87,14 @@ def test_tfds_labels_map_to_official_category_ids(cfg):
   tfds_names = builder.info.features["objects"]["label"].names
   np.testing.assert_array_equal(coco_labels.category_ids_for_names(tfds_names),
                                 [c[0] for c in coco_labels.COCO_CATEGORIES])
-  info = pipeline.dataset_info(cfg)
+  info = pipeline.open_source(cfg).info
   assert info.num_classes == 91
   assert info.label_to_category_id[90] == 90 and info.label_to_category_id[12] == -1
 
 
 def test_train_batches_carry_category_ids(cfg):
-  batch = next(pipeline.create_train_dataset(cfg, global_batch_size=2, image_size=(32, 32), seed=0,
+  source = pipeline.open_source(cfg)
+  batch = next(pipeline.create_train_dataset(source, global_batch_size=2, image_size=(32, 32), seed=0,
                                              process_index=0, process_count=1))
   assert sorted(batch["image_id"]) == [9, 25]  # 30 has no annotation; 25 has only a crowd box
   k = list(batch["image_id"]).index(9)
@@ -105,14 +106,15 @@ def test_train_batches_carry_category_ids(cfg):
 
 
 def test_eval_and_written_ground_truth(cfg):
-  batches, num = pipeline.create_eval_dataset(cfg, global_batch_size=4, image_size=(32, 32),
+  source = pipeline.open_source(cfg)
+  batches, num = pipeline.create_eval_dataset(source, global_batch_size=4, image_size=(32, 32),
                                               process_index=0, process_count=1)
   (batch,) = list(batches)
   assert num == 1 and sorted(batch["image_id"][batch["valid"]]) == [139, 285]
   k = list(batch["image_id"]).index(139)
   np.testing.assert_array_equal(batch["orig_size"][k], [40, 60])
   assert list(batch["labels"][k][batch["mask"][k]]) == [72]
-  gt = json.load(open(pipeline.dataset_info(cfg).gt_json))
+  gt = json.load(open(pipeline.open_source(cfg).info.gt_json))
   assert {im["id"] for im in gt["images"]} == {139, 285}
   (ann,) = gt["annotations"]
   assert ann["category_id"] == 72 and ann["image_id"] == 139

@@ -74,20 +74,21 @@ def cfg(folder, tmp_path_factory):
 
 
 def test_label_space_contiguous_and_category_id(cfg):
-  info = pipeline.dataset_info(cfg)
+  info = pipeline.open_source(cfg).info
   assert info.num_classes == 4
   assert info.class_names == ("__background__", "a", "b", "c")
   np.testing.assert_array_equal(info.label_to_category_id, [-1, 3, 7, 12])
   assert info.gt_json.endswith("instances_val.json")
   cfg2 = cfg.copy_and_resolve_references()
   cfg2.label_mode = "category_id"
-  raw = pipeline.dataset_info(cfg2)
+  raw = pipeline.open_source(cfg2).info
   assert raw.num_classes == 13 and raw.class_names[12] == "c" and raw.class_names[4] == "N/A"
   assert raw.label_to_category_id[12] == 12 and raw.label_to_category_id[0] == -1
 
 
 def test_train_cleaning_and_filter(cfg):
-  it = pipeline.create_train_dataset(cfg, global_batch_size=2, image_size=(320, 320), seed=0,
+  source = pipeline.open_source(cfg)
+  it = pipeline.create_train_dataset(source, global_batch_size=2, image_size=(320, 320), seed=0,
                                      process_index=0, process_count=1)
   batch = next(it)
   assert sorted(batch["image_id"]) == [1, 2]  # 3 (no annotation) and 4 (only a <= 1 px box) are skipped
@@ -101,7 +102,8 @@ def test_train_cleaning_and_filter(cfg):
 
 
 def test_eval_keeps_every_image_and_converts_images(cfg):
-  batches, num = pipeline.create_eval_dataset(cfg, global_batch_size=3, image_size=(32, 32),
+  source = pipeline.open_source(cfg)
+  batches, num = pipeline.create_eval_dataset(source, global_batch_size=3, image_size=(32, 32),
                                               process_index=0, process_count=1)
   assert num == 2
   out = list(batches)

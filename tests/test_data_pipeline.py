@@ -21,7 +21,8 @@ def cfg(tmp_path_factory):
 
 
 def _train(cfg, n, seed=0, start_step=0, index=0, count=1, batch=4):
-  it = pipeline.create_train_dataset(cfg, global_batch_size=batch, image_size=(64, 96), seed=seed,
+  source = pipeline.open_source(cfg)
+  it = pipeline.create_train_dataset(source, global_batch_size=batch, image_size=(64, 96), seed=seed,
                                      process_index=index, process_count=count, start_step=start_step)
   return list(itertools.islice(it, n))
 
@@ -75,7 +76,8 @@ def test_processes_split_each_global_batch(cfg, start_step):
 def test_eval_every_image_once_with_padding(cfg):
   seen, steps = [], set()
   for index in range(2):
-    batches, num = pipeline.create_eval_dataset(cfg, global_batch_size=4, image_size=(64, 96),
+    source = pipeline.open_source(cfg)
+    batches, num = pipeline.create_eval_dataset(source, global_batch_size=4, image_size=(64, 96),
                                                 process_index=index, process_count=2)
     out = list(batches)
     steps.add((num, len(out)))
@@ -84,7 +86,7 @@ def test_eval_every_image_once_with_padding(cfg):
       seen.extend(b["image_id"][b["valid"]])
       assert (b["image_id"][~b["valid"]] == -1).all() and not b["mask"][~b["valid"]].any()
   assert steps == {(2, 2)}  # 3 + 2 images at 2 per process step: both processes run 2 steps
-  gt = json.load(open(pipeline.dataset_info(cfg).gt_json))
+  gt = json.load(open(pipeline.open_source(cfg).info.gt_json))
   assert sorted(seen) == sorted(im["id"] for im in gt["images"])
 
 
@@ -92,10 +94,11 @@ def test_more_boxes_than_max_boxes_is_reported(cfg, caplog):
   small = cfg.copy_and_resolve_references()
   small.update(max_boxes=1, augmentation="none")
   with caplog.at_level(logging.WARNING):
-    batches, _ = pipeline.create_eval_dataset(small, global_batch_size=5, image_size=(64, 96),
+    source = pipeline.open_source(small)
+    batches, _ = pipeline.create_eval_dataset(source, global_batch_size=5, image_size=(64, 96),
                                               process_index=0, process_count=1)
     (b,) = list(batches)
-  gt = json.load(open(pipeline.dataset_info(cfg).gt_json))
+  gt = json.load(open(pipeline.open_source(cfg).info.gt_json))
   counts = {}
   for a in gt["annotations"]:
     counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1

@@ -1,5 +1,5 @@
-"""Every depthwise convolution of SSDlite320 (backbone, extra blocks, heads), on both implementations ('shift':
-the CPU shift-and-add with its hand-written backward; 'xla': the grouped convolution), against torch's float64
+"""Every depthwise convolution of SSDlite320 (backbone, extra blocks, heads), on both implementations (kernels
+'cpu': the shift-and-add with its hand-written backward; 'xla': the grouped convolution), against torch's float64
 conv2d(groups=C) and its autograd: output, input gradient and kernel gradient in float32."""
 
 import flax.linen as nn
@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssdlite_jax.kernels.depthwise import depthwise_conv
 from ssdlite_jax.models import build_model, default_model_config, layers
-from tests.conftest import import_or_skip
+from tests.helpers import import_or_skip
 
 
 def _ssdlite320_depthwise_shapes():
@@ -57,10 +58,10 @@ def test_depthwise_matches_torch_float64(size, channels, kernel, stride):
   want = (yt.detach().permute(0, 2, 3, 1).numpy(), xt.grad.permute(0, 2, 3, 1).numpy(),
           kt.grad.permute(2, 3, 1, 0).numpy())
 
-  for impl in (layers.depthwise_conv_shift, layers.depthwise_conv_xla):
+  for impl in (depthwise_conv, layers.depthwise_conv_xla):
     y, vjp = jax.vjp(lambda a, b: impl(a, b, stride, pad), x, k)
     dx, dk = vjp(g)
     errs = [_rel_err(a, b) for a, b in zip((y, dx, dk), want)]
     # float32 against float64, measured worst over these shapes: 2.7e-7 for the 9-25-term output and input
-    # gradient sums; the kernel gradient sums 2 x H x W products: 6.2e-6 ('shift'), 5.2e-6 ('xla').
+    # gradient sums; the kernel gradient sums 2 x H x W products: 6.2e-6 ('cpu'), 5.2e-6 ('xla').
     assert errs[0] < 1e-6 and errs[1] < 1e-6 and errs[2] < 2e-5, (impl.__name__, errs)

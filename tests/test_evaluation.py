@@ -10,9 +10,10 @@ import PIL.Image
 import pytest
 
 from configs import synthetic as synthetic_config
-from ssdlite_jax import evaluation
-from tests.conftest import import_or_skip
-from tests.torch_reference import random_torchvision_ssdlite, smooth_images
+from ssdlite_jax import evaluation, porting
+from ssdlite_jax.loading import load_detector
+from tests.helpers import import_or_skip
+from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5                                                 # background + category ids 1..4
@@ -98,10 +99,13 @@ def parity_setup(tmp_path_factory):
 
 
 def test_parity_with_torchvision_via_eval_run(parity_setup, tmp_path):
-  """eval.py's code path (--torch-weights, coco_folder data) reproduces torchvision + pycocotools."""
+  """eval.py's code path (--torch-weights, coco_folder data) reproduces torchvision + pycocotools; the class
+  count is the weights' (5), whatever config.model says."""
   from ssdlite_jax.cli import eval as eval_main
   out = str(tmp_path / "out")
-  metrics = eval_main.run(parity_setup["config"], torch_weights=parity_setup["weights"], out_dir=out)
+  config = parity_setup["config"].copy_and_resolve_references()
+  config.model.num_classes = 91
+  metrics = eval_main.run(config, torch_weights=parity_setup["weights"], out_dir=out)
   reference = parity_setup["reference"]
   print("ours", metrics, "\ntorchvision", reference)
   assert 0.2 < reference["AP"] < 0.9 and 0.2 < reference["AP50"] <= 1.0, reference
@@ -115,28 +119,28 @@ def test_parity_with_torchvision_via_eval_run(parity_setup, tmp_path):
   assert set(dets[0]) == {"image_id", "category_id", "bbox", "score"}
 
 
-def test_eval_run_rejects_bad_arguments(parity_setup):
+def test_eval_run_rejects_bad_arguments(parity_setup, tmp_path):
   from ssdlite_jax.cli import eval as eval_main
   config = parity_setup["config"]
   with pytest.raises(ValueError, match="exactly one"):
     eval_main.run(config)
   with pytest.raises(ValueError, match="exactly one"):
     eval_main.run(config, workdir="w", torch_weights=parity_setup["weights"])
-  wrong = config.copy_and_resolve_references()
-  wrong.model.num_classes = 91
-  with pytest.raises(ValueError, match="num_classes=5"):
-    eval_main.run(wrong, torch_weights=os.path.join(parity_setup["root"], "missing.pth"))
+  with pytest.raises(FileNotFoundError, match="missing.pth: no such checkpoint directory or weights file"):
+    eval_main.run(config, torch_weights=os.path.join(parity_setup["root"], "missing.pth"))
+  coco = str(tmp_path / "coco91.safetensors")
+  porting.save_state_dict(state_dict_numpy(random_torchvision_ssdlite(num_classes=91, seed=3)), coco)
+  with pytest.raises(ValueError, match="the dataset has num_classes=5 .* but the model has 91"):
+    eval_main.run(config, torch_weights=coco)
 
 
 def test_eval_run_from_workdir_checkpoint(parity_setup, tmp_path):
   """--workdir: the model and its config come from WORKDIR/checkpoints (the latest step by default)."""
   from ssdlite_jax.cli import eval as eval_main
-  from ssdlite_jax import checkpoint, porting
-  from ssdlite_jax.models import build_model
+  from ssdlite_jax import checkpoint
   config = parity_setup["config"]
-  detector = build_model(config.model)
-  variables = porting.load_torchvision_weights(parity_setup["weights"], detector)
-  checkpoint.save_variables(str(tmp_path / "checkpoints"), 7, variables, config.model)
+  detector, variables, _ = load_detector(parity_setup["weights"])
+  checkpoint.save_variables(str(tmp_path / "checkpoints"), 7, variables, detector.config)
   other = config.copy_and_resolve_references()
   other.model.num_classes = 91       # ignored: the checkpoint's model config is used
   metrics = eval_main.run(other, workdir=str(tmp_path))
@@ -152,6 +156,7 @@ def _eval_cli(*args, cwd=REPO):
                         text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow
 def test_eval_cli_torch_weights(parity_setup, tmp_path):
   """python eval.py --torch-weights ... end to end; the default output folder is ./eval_out."""
   data = parity_setup["config"].data
@@ -168,6 +173,7 @@ def test_eval_cli_torch_weights(parity_setup, tmp_path):
     assert abs(metrics[name] - parity_setup["reference"][name]) <= 1e-3, name
 
 
+@pytest.mark.slow
 def test_eval_cli_errors_cleanly(tmp_path):
   """The CLI parses its flags and reports a missing checkpoint as a one-line error (no traceback)."""
   proc = _eval_cli("--config", os.path.join(REPO, "configs", "synthetic.py"), "--checkpoint", str(tmp_path / "none"))

@@ -11,7 +11,7 @@ import pytest
 from ssdlite_jax import anchors as anchors_lib
 from ssdlite_jax.losses import multibox_loss
 from ssdlite_jax.matcher import match_anchors
-from tests.conftest import import_or_skip
+from tests.helpers import import_or_skip
 
 ANCHORS = anchors_lib.default_boxes([(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)], (320, 320),
                                     [[2, 3]] * 6, 0.2, 0.95)

@@ -7,7 +7,7 @@ import pytest
 from ssdlite_jax import anchors as anchors_lib, porting, postprocess
 from ssdlite_jax.inference import Predictor
 from ssdlite_jax.models import build_model, default_model_config
-from tests.conftest import import_or_skip
+from tests.helpers import import_or_skip
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy, to_nchw
 
 
@@ -16,10 +16,10 @@ def torch_model():
   return random_torchvision_ssdlite()
 
 
-@pytest.fixture(scope="module", params=["shift", "xla"])
+@pytest.fixture(scope="module", params=["cpu", "xla"])
 def ported(request, torch_model):
   cfg = default_model_config()
-  cfg.depthwise_impl = request.param
+  cfg.kernels = request.param
   det = build_model(cfg)
   return det, porting.torch_to_flax(state_dict_numpy(torch_model), det)
 

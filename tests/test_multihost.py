@@ -27,16 +27,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from ssdlite_jax.data import pipeline
-from tests.conftest import xla_flags
+from tests.helpers import train_command, xla_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, DEVICES, PROCESSES = 4, 8, 8, 2
 TIMEOUT = 600
 LR = "1e-5"
@@ -44,28 +41,12 @@ LOSS_RTOL = 1e-5         # a loss from the same state
 ONE_STEP_DRIFT = 1e-4    # parameters after one step from the same state, relative to the step's movement
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("multihost")
-  data_dir = str(tmp / "tfds")
-  cfg = pipeline.default_data_config()
-  cfg.update(data_dir=data_dir, synthetic_num_train=24, synthetic_num_val=6)
-  pipeline.dataset_info(cfg)  # generate the dataset once: concurrent processes would race to write it
-  e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
-  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    e.pop(key, None)
-  return {"env": e, "data_dir": data_dir, "tmp": tmp}
+pytestmark = pytest.mark.slow
 
 
-def command(env, workdir):
-  return [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs/synthetic.py"),
-          "--workdir", str(workdir), f"--config.data.data_dir={env['data_dir']}",
-          "--config.data.synthetic_num_train=24", "--config.data.synthetic_num_val=6",
-          f"--config.batch_size={BATCH}", f"--config.eval_batch_size={BATCH}", "--config.model.image_size=160",
-          f"--config.max_steps={STEPS}", "--config.eval_every_epochs=0", "--config.log_every_steps=1",
-          "--config.checkpoint_every_steps=1", f"--config.keep_checkpoints={STEPS}",
-          "--config.optim.warmup_iters=0", "--config.optim.optimizer=sgd",
-          f"--config.optim.learning_rate={LR}", f"--config.optim.base_batch_size={BATCH}"]
+def command(train_cli, workdir):
+  return train_command(train_cli, workdir, batch=BATCH, steps=STEPS, lr=LR, overrides=(
+      f"--config.eval_batch_size={BATCH}", "--config.checkpoint_every_steps=1", f"--config.keep_checkpoints={STEPS}"))
 
 
 def _free_port():
@@ -79,21 +60,21 @@ def _tail(path, n=4000):
     return f.read()[-n:]
 
 
-def launch(env, workdir, processes):
+def launch(train_cli, workdir, processes):
   """Runs train.py as `processes` processes sharing DEVICES CPU devices; waits for all; raises with the log
   tails of every process if one fails or the run times out (all are killed)."""
-  log_dir = os.path.join(env["tmp"], "logs")
+  log_dir = os.path.join(train_cli["tmp"], "logs")
   os.makedirs(log_dir, exist_ok=True)
   port = _free_port()
   procs, logs = [], []
   for i in range(processes):
-    e = dict(env["env"], XLA_FLAGS=xla_flags(DEVICES // processes))
+    e = dict(train_cli["env"], XLA_FLAGS=xla_flags(DEVICES // processes))
     if processes > 1:
       e.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
     log = os.path.join(log_dir, f"{os.path.basename(str(workdir))}_p{i}.log")
     logs.append(log)
     with open(log, "w") as f:
-      procs.append(subprocess.Popen(command(env, workdir), env=e, stdout=f, stderr=subprocess.STDOUT))
+      procs.append(subprocess.Popen(command(train_cli, workdir), env=e, stdout=f, stderr=subprocess.STDOUT))
   failed = None
   try:
     for i, p in enumerate(procs):
@@ -177,16 +158,16 @@ def assert_same_training(workdir, reference, first):
 
 
 @pytest.fixture(scope="module")
-def run_a(env):
-  workdir = env["tmp"] / "A_1proc"
-  launch(env, workdir, 1)
+def run_a(train_cli):
+  workdir = train_cli["tmp"] / "A_1proc"
+  launch(train_cli, workdir, 1)
   return workdir
 
 
 @pytest.fixture(scope="module")
-def run_b(env, run_a):  # after A: the two would compete for the 2 cores
-  workdir = env["tmp"] / "B_2proc"
-  launch(env, workdir, PROCESSES)
+def run_b(train_cli, run_a):  # after A: the two would compete for the 2 cores
+  workdir = train_cli["tmp"] / "B_2proc"
+  launch(train_cli, workdir, PROCESSES)
   return workdir
 
 
@@ -198,13 +179,13 @@ def test_two_processes_train_as_one(run_a, run_b):
   assert distance(params(run_b, 1), params(run_a, 1)) <= ONE_STEP_DRIFT * moved
 
 
-def test_two_process_checkpoint_resumes_in_one_process(env, run_b):
-  workdir = cut_back(run_b, env["tmp"] / "C_2to1", 2)
-  launch(env, workdir, 1)
+def test_two_process_checkpoint_resumes_in_one_process(train_cli, run_b):
+  workdir = cut_back(run_b, train_cli["tmp"] / "C_2to1", 2)
+  launch(train_cli, workdir, 1)
   assert_same_training(workdir, run_b, 2)
 
 
-def test_one_process_checkpoint_resumes_in_two_processes(env, run_a):
-  workdir = cut_back(run_a, env["tmp"] / "D_1to2", 2)
-  launch(env, workdir, PROCESSES)
+def test_one_process_checkpoint_resumes_in_two_processes(train_cli, run_a):
+  workdir = cut_back(run_a, train_cli["tmp"] / "D_1to2", 2)
+  launch(train_cli, workdir, PROCESSES)
   assert_same_training(workdir, run_a, 2)

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from ssdlite_jax import optim
-from tests.conftest import import_or_skip
+from tests.helpers import import_or_skip
 
 
 def _config(**overrides):

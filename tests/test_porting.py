@@ -14,9 +14,10 @@ from PIL import Image
 
 from ssdlite_jax.cli import port_weights, predict
 from ssdlite_jax import checkpoint, porting
-from ssdlite_jax.inference import to_rgb_uint8
+from ssdlite_jax.inference import Predictor, to_rgb_uint8
+from ssdlite_jax.loading import load_detector
 from ssdlite_jax.models import build_model, default_model_config
-from tests.conftest import import_or_skip
+from tests.helpers import import_or_skip
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
 
@@ -41,10 +42,17 @@ def test_round_trip_through_files_is_exact(torch_model, ckpt_dir, tmp_path, fmt)
   out = tmp_path / f"out.{fmt}"
   port_weights.main(["to-torch", "--checkpoint", str(ckpt_dir), "--out", str(out)])
   fresh = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
-  fresh.load_state_dict({k: torch.from_numpy(v) for k, v in porting.load_state_dict(str(out)).items()}, strict=True)
   ref = torch_model.state_dict()
+  written = porting.load_state_dict(str(out))   # the file itself: load_state_dict would mend a 1-d counter
+  # .pth keeps torchvision's state_dict order; safetensors stores its keys sorted.
+  assert (list(written) if fmt == "pth" else sorted(written)) == (list(ref) if fmt == "pth" else sorted(ref))
+  assert len(ref) == 476
+  for k in ref:
+    assert written[k].shape == tuple(ref[k].shape) and written[k].dtype == ref[k].numpy().dtype, k
+  fresh.load_state_dict({k: torch.from_numpy(v) for k, v in written.items()}, strict=True)
   got = fresh.state_dict()
-  assert list(got) == list(ref) and len(ref) == 476
+  counts = {int(v) for k, v in ref.items() if k.endswith("num_batches_tracked")}
+  assert len(counts) > 10 and min(counts) > 0   # torch_reference draws a non-zero count per layer
   for k in ref:
     assert got[k].dtype == ref[k].dtype, k
     assert torch.equal(got[k], ref[k]), k
@@ -69,6 +77,32 @@ def test_mismatched_keys_are_all_named(torch_model):
   assert ("shape mismatch for head.regression_head.module_list.0.1.weight: checkpoint (24, 671, 1, 1), "
           "model (24, 672, 1, 1)") in msg
   assert "unexpected key backbone.features.99.weight (3,)" in msg
+
+
+def test_class_count_and_variant_come_from_the_weights(tmp_path):
+  torch = import_or_skip("torch")
+  model13 = random_torchvision_ssdlite(num_classes=13, seed=2)
+  torch.save(model13.state_dict(), tmp_path / "finetuned_13class.pth")
+  port_weights.main(["to-flax", "--torch", str(tmp_path / "finetuned_13class.pth"), "--out", str(tmp_path / "c")])
+  detector, variables, step = load_detector(str(tmp_path / "c"))
+  assert step == 0 and detector.config.num_classes == 13
+  back = porting.flax_to_torch(variables, detector)
+  for k, v in model13.state_dict().items():
+    np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+  assert Predictor.from_torch(str(tmp_path / "finetuned_13class.pth")).detector.config.num_classes == 13
+  with pytest.raises(SystemExit, match="has 13 classes, not --num-classes 4; add --skip-mismatched"):
+    port_weights.main(["to-flax", "--torch", str(tmp_path / "finetuned_13class.pth"), "--out", str(tmp_path / "d"),
+                       "--num-classes", "4"])
+  # A state_dict of another architecture: the error names the keys that decided it.
+  other = {"backbone.features.0.weight": np.zeros((64, 3, 3, 3), np.float32), **state_dict_numpy(model13)}
+  del other["backbone.features.0.0.0.weight"]
+  porting.save_state_dict(other, str(tmp_path / "vgg.safetensors"))
+  with pytest.raises(ValueError) as e:
+    load_detector(str(tmp_path / "vgg.safetensors"))
+  msg = str(e.value)
+  assert "vgg.safetensors: the state_dict fits no known SSD variant" in msg
+  assert "ssdlite320_mobilenet_v3_large: 1 keys missing (e.g. ['backbone.features.0.0.0.weight'])" in msg
+  assert "1 unexpected (e.g. ['backbone.features.0.weight'])" in msg
 
 
 def test_fine_tune_to_other_num_classes(torch_model):
@@ -147,6 +181,7 @@ def test_predict_cli(ckpt_dir, torch_model, tmp_path):
   assert Image.open(tmp_path / "drawn" / "a.jpg").size == (300, 240)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_more_devices_loads_on_one(tmp_path):
   """A checkpoint written with the state replicated on 4 devices (as train.py does) loads on 1 device."""
   script = (

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -14,37 +13,24 @@ import numpy as np
 import pytest
 
 from ssdlite_jax import checkpoint
-from tests.conftest import xla_flags
+from tests.helpers import train_command
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("train")
-  e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-           JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
-  e["XLA_FLAGS"] = xla_flags()
-  return {"env": e, "data_dir": str(tmp / "tfds")}
+pytestmark = pytest.mark.slow
 
 
-def command(env, workdir, *overrides):
-  return [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs/synthetic.py"),
-          "--workdir", str(workdir), f"--config.data.data_dir={env['data_dir']}",
-          "--config.data.synthetic_num_train=24", "--config.data.synthetic_num_val=6",
-          "--config.batch_size=4", "--config.eval_batch_size=6", "--config.model.image_size=160",
-          f"--config.max_steps={STEPS}", "--config.eval_every_epochs=0", "--config.log_every_steps=1",
-          "--config.checkpoint_every_steps=2", "--config.optim.warmup_iters=0",
-          # SGD (the COCO recipe's): unlike Adam it does not amplify float noise in near-zero gradients, so a
-          # resumed run's parameters can be compared to an uninterrupted run's at 1e-5.
-          "--config.optim.optimizer=sgd", "--config.optim.learning_rate=0.01", "--config.optim.base_batch_size=4",
-          *overrides]
+def command(train_cli, workdir, *overrides):
+  # SGD (the COCO recipe's): unlike Adam it does not amplify float noise in near-zero gradients, so a resumed
+  # run's parameters can be compared to an uninterrupted run's at 1e-5.
+  return train_command(train_cli, workdir, batch=4, steps=STEPS, lr=0.01, overrides=(
+      "--config.eval_batch_size=6", "--config.checkpoint_every_steps=2", *overrides))
 
 
-def run(env, workdir, *overrides, check=True):
-  proc = subprocess.run(command(env, workdir, *overrides), env=env["env"], capture_output=True, text=True,
-                        timeout=900)
+def run(train_cli, workdir, *overrides, check=True):
+  proc = subprocess.run(command(train_cli, workdir, *overrides), env=train_cli["env"], capture_output=True,
+                        text=True, timeout=900)
   if check and proc.returncode != 0:
     raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return proc
@@ -62,9 +48,9 @@ def final_params(workdir):
 
 
 @pytest.fixture(scope="module")
-def full_run(env, tmp_path_factory):
+def full_run(train_cli, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
-  proc = run(env, workdir)
+  proc = run(train_cli, workdir)
   return workdir, proc
 
 
@@ -87,21 +73,30 @@ def test_short_run_trains_evaluates_and_logs(full_run):
   assert os.path.exists(os.path.join(workdir, "eval", f"step_{STEPS}", "detections.json"))
 
 
-def assert_same_run(workdir, reference):
-  ref_losses, losses = train_losses(reference), train_losses(workdir)
-  for step in range(1, STEPS + 1):
-    np.testing.assert_allclose(losses[step], ref_losses[step], rtol=1e-5, err_msg=f"step {step}")
+def assert_same_params(workdir, reference):
   (s1, v1), (s2, v2) = final_params(workdir), final_params(reference)
   assert s1 == s2 == STEPS
   for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v2)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
-def test_rerun_resumes_where_it_stopped(env, full_run, tmp_path):
-  run(env, tmp_path, "--config.max_steps=3")
-  assert sorted(train_losses(tmp_path)) == [1, 2, 3]
-  run(env, tmp_path)
-  assert_same_run(tmp_path, full_run[0])
+def assert_same_run(workdir, reference):
+  ref_losses, losses = train_losses(reference), train_losses(workdir)
+  for step in range(1, STEPS + 1):
+    np.testing.assert_allclose(losses[step], ref_losses[step], rtol=1e-5, err_msg=f"step {step}")
+  assert_same_params(workdir, reference)
+
+
+def test_rerun_resumes_where_it_stopped_and_logs_interval_means(train_cli, full_run, tmp_path):
+  """Logging every 3 steps, the logged loss is the mean over the 3 steps (the full run logs each step)."""
+  run(train_cli, tmp_path, "--config.max_steps=3", "--config.log_every_steps=3")
+  assert sorted(train_losses(tmp_path)) == [3]
+  run(train_cli, tmp_path, "--config.log_every_steps=3")
+  ref, logged = train_losses(full_run[0]), train_losses(tmp_path)
+  assert sorted(logged) == [3, 6]
+  for step in (3, 6):
+    np.testing.assert_allclose(logged[step], np.mean([ref[s] for s in range(step - 2, step + 1)]), rtol=1e-5)
+  assert_same_params(tmp_path, full_run[0])
 
 
 def _wait_for(predicate, proc, timeout=600):
@@ -114,9 +109,9 @@ def _wait_for(predicate, proc, timeout=600):
     time.sleep(0.2)
 
 
-def test_sigterm_saves_and_sigkill_resumes(env, full_run, tmp_path):
+def test_sigterm_saves_and_sigkill_resumes(train_cli, full_run, tmp_path):
   ckpts = tmp_path / "checkpoints"
-  proc = subprocess.Popen(command(env, tmp_path), env=env["env"], stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(command(train_cli, tmp_path), env=train_cli["env"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   _wait_for(lambda: os.path.exists(tmp_path / "metrics.jsonl") and train_losses(tmp_path), proc)
   proc.send_signal(signal.SIGTERM)
@@ -124,17 +119,17 @@ def test_sigterm_saves_and_sigkill_resumes(env, full_run, tmp_path):
   stopped_at = max(train_losses(tmp_path))
   assert stopped_at < STEPS and final_params(tmp_path)[0] == stopped_at
 
-  proc = subprocess.Popen(command(env, tmp_path), env=env["env"], stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(command(train_cli, tmp_path), env=train_cli["env"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   _wait_for(lambda: any(p.name.isdigit() and int(p.name) > stopped_at for p in ckpts.iterdir()), proc)
   proc.kill()
   assert proc.wait() == -signal.SIGKILL
-  run(env, tmp_path)
+  run(train_cli, tmp_path)
   assert_same_run(tmp_path, full_run[0])
 
 
-def test_non_finite_loss_stops_naming_the_step(env, tmp_path):
-  proc = run(env, tmp_path, "--config.optim.learning_rate=1e30", check=False)
+def test_non_finite_loss_stops_naming_the_step(train_cli, tmp_path):
+  proc = run(train_cli, tmp_path, "--config.optim.learning_rate=1e30", check=False)
   assert proc.returncode != 0
   assert "non-finite loss or gradient at step" in proc.stderr
   bad_step = int(proc.stderr.split("non-finite loss or gradient at step ")[1].split()[0])

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tests.conftest import import_or_skip
+from tests.helpers import import_or_skip
 
 
 def random_torchvision_ssdlite(num_classes=91, seed=0):

@@ -6,9 +6,9 @@
       --config.data.manual_dir=/data/coco_zips
 
 The model comes from the checkpoint's own model config (--workdir: WORKDIR/checkpoints; --checkpoint: that
-directory), or from config.model with --torch-weights. Data: config.data's eval split at global batch
-config.eval_batch_size. Prints COCOeval's summary and writes detections.json (COCO results) and metrics.json to
---out (default WORKDIR/eval, else ./eval_out).
+directory), or from config.model with --torch-weights (the class count is the file's). Data: config.data's eval
+split at global batch config.eval_batch_size. Prints COCOeval's summary and writes detections.json (COCO results)
+and metrics.json to --out (default WORKDIR/eval, else ./eval_out).
 """
 
 try:  # torch (read .pth weights) must be imported before TensorFlow (the config imports it): else a segfault
@@ -35,9 +35,9 @@ _OUT = flags.DEFINE_string("out", None, "output directory (default: WORKDIR/eval
 
 def load_model(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] = None,
                torch_weights: Optional[str] = None, step: Optional[int] = None):
-  """(detector, variables, step or None) from exactly one of workdir / checkpoint_dir / torch_weights."""
-  from ssdlite_jax import checkpoint, porting
-  from ssdlite_jax.models import build_model
+  """(detector, variables, step or None) from exactly one of workdir / checkpoint_dir / torch_weights; torch
+  weights are read as config.model describes them, with the class count of the file."""
+  from ssdlite_jax.loading import load_detector
 
   given = [n for n, v in (("workdir", workdir), ("checkpoint", checkpoint_dir), ("torch-weights", torch_weights))
            if v]
@@ -46,11 +46,8 @@ def load_model(config, *, workdir: Optional[str] = None, checkpoint_dir: Optiona
   if torch_weights:
     if step is not None:
       raise ValueError("--step applies to checkpoints, not to --torch-weights")
-    detector = build_model(config.model)
-    return detector, porting.load_torchvision_weights(torch_weights, detector), None
-  ckpt_dir = checkpoint_dir or os.path.join(workdir, "checkpoints")
-  variables, model_config, step = checkpoint.load_variables(ckpt_dir, step)
-  return build_model(model_config), variables, step
+    return load_detector(torch_weights, config.model)
+  return load_detector(checkpoint_dir or os.path.join(workdir, "checkpoints"), step=step)
 
 
 def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] = None,
@@ -59,30 +56,27 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
   """Evaluates and returns the 12 COCO metrics (see ssdlite_jax.evaluation); ValueError on bad arguments."""
   import jax
   from ssdlite_jax import evaluation
+  from ssdlite_jax.detect import make_detect_fn
   from ssdlite_jax.data import pipeline
 
-  info = pipeline.dataset_info(config.data)
+  source = pipeline.open_source(config.data)
+  info = source.info
 
-  def check_classes(model_classes):
-    if info.num_classes != model_classes:
-      raise ValueError(
-          f"the dataset has num_classes={info.num_classes} (config.data: name={config.data.name!r}, "
-          f"label_mode={config.data.label_mode!r}) but the model has {model_classes}; evaluate on the data "
-          "the model was trained for (with --torch-weights: set --config.model.num_classes)")
-
-  if torch_weights and not (workdir or checkpoint_dir):
-    check_classes(config.model.num_classes)   # before reading the weights: a clearer error than shape mismatches
   detector, variables, step = load_model(config, workdir=workdir, checkpoint_dir=checkpoint_dir,
                                          torch_weights=torch_weights, step=step)
-  check_classes(detector.config.num_classes)
+  if info.num_classes != detector.config.num_classes:
+    raise ValueError(
+        f"the dataset has num_classes={info.num_classes} (config.data: name={config.data.name!r}, "
+        f"label_mode={config.data.label_mode!r}) but the model has {detector.config.num_classes}; evaluate on "
+        "the data the model was trained for")
   if out_dir is None:
     out_dir = os.path.join(workdir, "eval") if workdir else "eval_out"
   batches, num_batches = pipeline.create_eval_dataset(
-      config.data, global_batch_size=config.eval_batch_size, image_size=detector.image_size)
+      source, global_batch_size=config.eval_batch_size, image_size=detector.image_size)
   source = torch_weights or f"checkpoint step {step}"
   print(f"evaluating {source} on {config.data.name} ({num_batches} batches of {config.eval_batch_size})",
         flush=True)
-  metrics = evaluation.evaluate(evaluation.make_detect_fn(detector), variables, batches,
+  metrics = evaluation.evaluate(make_detect_fn(detector), variables, batches,
                                 info.label_to_category_id, info.gt_json, out_dir=out_dir)
   if jax.process_index() == 0:
     print(f"wrote {out_dir}/detections.json and {out_dir}/metrics.json", flush=True)

@@ -1,6 +1,6 @@
 """Move SSDlite weights between torchvision and ssdlite-jax checkpoints.
 
-  python port_weights.py to-flax --torch IN.pth --out CKPT_DIR [--num-classes 91]
+  python port_weights.py to-flax --torch IN.pth --out CKPT_DIR        (model variant and classes from IN.pth)
   python port_weights.py to-flax --torch IN.pth --out CKPT_DIR --num-classes 3 --skip-mismatched
   python port_weights.py to-torch --checkpoint CKPT_DIR --out OUT.pth   (or OUT.safetensors)
 
@@ -9,34 +9,44 @@ checkpoint directory that train.py writes and eval.py / predict.py read.
 """
 
 import argparse
+import os
 import sys
 
 import jax
+import ml_collections
 
 from ssdlite_jax import checkpoint, porting
-from ssdlite_jax.models import build_model, default_model_config
+from ssdlite_jax.loading import load_detector
+from ssdlite_jax.models import build_model
 
 
 def to_flax(args):
-  cfg = default_model_config()
-  cfg.num_classes = args.num_classes
-  detector = build_model(cfg)
-  result = porting.load_torchvision_weights(args.torch, detector, skip_mismatched=args.skip_mismatched,
-                                            rng=jax.random.key(args.seed))
-  if args.skip_mismatched:
-    variables, problems = result
-    print(f"{len(problems)} keys of {args.torch} not loaded (fresh initialisation kept where missing):")
+  if os.path.isdir(args.torch):
+    raise ValueError(f"--torch {args.torch}: a directory; it takes a .pth or .safetensors file")
+  detector, variables, _ = load_detector(args.torch)
+  classes = detector.config.num_classes
+  if args.num_classes is not None and args.num_classes != classes:
+    if not args.skip_mismatched:
+      raise ValueError(f"{args.torch} has {classes} classes, not --num-classes {args.num_classes}; add "
+                       f"--skip-mismatched to fine-tune (fresh classification head)")
+    cfg = ml_collections.ConfigDict(detector.config.to_dict())
+    cfg.num_classes = args.num_classes
+    target = build_model(cfg)
+    variables, problems = porting.transfer(variables, detector, target, jax.random.key(args.seed))
+    detector = target
+    print(f"{len(problems)} tensors of {args.torch} not loaded (fresh initialisation kept):")
     for line in problems:
       print(f"  {line}")
-  else:
-    variables = result
-  checkpoint.save_variables(args.out, 0, variables, cfg)
-  print(f"wrote {args.out} (step 0, num_classes={cfg.num_classes})")
+  checkpoint.save_variables(args.out, 0, variables, detector.config)
+  print(f"wrote {args.out} (step 0, num_classes={detector.config.num_classes})")
 
 
 def to_torch(args):
-  variables, cfg, step = checkpoint.load_variables(args.checkpoint, args.step)
-  state_dict = porting.flax_to_torch(variables, build_model(cfg))
+  if not os.path.isdir(args.checkpoint):
+    raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such checkpoint directory")
+  detector, variables, step = load_detector(args.checkpoint, step=args.step)
+  cfg = detector.config
+  state_dict = porting.flax_to_torch(variables, detector)
   porting.save_state_dict(state_dict, args.out)
   print(f"wrote {args.out} ({len(state_dict)} tensors from step {step}); load it with "
         f"torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, "
@@ -49,9 +59,9 @@ def main(argv=None):
   p = sub.add_parser("to-flax", help="torchvision state_dict -> orbax checkpoint")
   p.add_argument("--torch", required=True, help=".pth or .safetensors state_dict")
   p.add_argument("--out", required=True, help="checkpoint directory to write")
-  p.add_argument("--num-classes", type=int, default=91)
+  p.add_argument("--num-classes", type=int, default=None, help="default: the class count of --torch")
   p.add_argument("--skip-mismatched", action="store_true",
-                 help="fine-tuning: keep fresh weights for mis-shaped keys (e.g. another num_classes)")
+                 help="fine-tuning to another --num-classes: fresh weights for the tensors that do not fit")
   p.add_argument("--seed", type=int, default=0, help="seed for re-initialised tensors")
   p.set_defaults(fn=to_flax)
   p = sub.add_parser("to-torch", help="orbax checkpoint -> torchvision state_dict")

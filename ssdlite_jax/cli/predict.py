@@ -34,7 +34,6 @@ def main(argv=None):
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument("--checkpoint", help="orbax checkpoint directory (train.py / port_weights.py)")
   src.add_argument("--torch-weights", help="torchvision state_dict (.pth or .safetensors)")
-  parser.add_argument("--num-classes", type=int, default=91, help="with --torch-weights")
   parser.add_argument("--output", required=True, help="detections JSON to write")
   parser.add_argument("--draw", help="folder for images with detections drawn")
   parser.add_argument("--min-score", type=float, default=0.3, help="drawing threshold")
@@ -56,7 +55,7 @@ def main(argv=None):
   from ssdlite_jax.inference import Predictor  # after argument checks: importing JAX takes a while
   try:
     predictor = (Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size) if args.checkpoint
-                 else Predictor.from_torch(args.torch_weights, args.num_classes, batch_size=args.batch_size))
+                 else Predictor.from_torch(args.torch_weights, batch_size=args.batch_size))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   dets = predictor(images)

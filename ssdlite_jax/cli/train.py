@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterable, Iterator, Optional
 
 from absl import flags, logging
 from ml_collections import config_flags
@@ -28,6 +28,7 @@ except ImportError:
   pass
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 import tqdm
@@ -35,7 +36,9 @@ import tqdm
 from ssdlite_jax import checkpoint, distributed, evaluation, porting, train_step as ts
 from ssdlite_jax.cli import run_absl_program
 from ssdlite_jax.data import pipeline, sources  # before tensorflow: it says where TF comes from when missing
+from ssdlite_jax.detect import make_detect_fn
 from ssdlite_jax.inference import Predictor
+from ssdlite_jax.loading import load_detector
 from ssdlite_jax.models import Detector, build_model
 from ssdlite_jax.optim import make_optimizer
 from ssdlite_jax.visualize import draw_detections
@@ -63,47 +66,11 @@ def initial_variables(config, detector, rng):
   src = config.init_from
   if not src:
     return None
-  if os.path.isdir(src):
-    variables, src_cfg, _ = checkpoint.load_variables(src)
-    state_dict = porting.flax_to_torch(variables, build_model(src_cfg))
-  else:
-    state_dict = porting.load_state_dict(src)
-  variables, problems = porting.torch_to_flax(state_dict, detector, skip_mismatched=True, rng=rng)
+  source, variables, _ = load_detector(src)
+  variables, problems = porting.transfer(variables, source, detector, rng)
   logging.info("initialised from %s; %d tensors not loaded%s", src, len(problems),
                "".join(f"\n  {p}" for p in problems))
   return variables
-
-
-def checkpoint_manager(workdir, config):
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-      ocp.checkpoint_managers.LatestN(n=config.keep_checkpoints),
-      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["AP"], reverse=True, n=1,
-                                    keep_checkpoints_without_metrics=False),
-  ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
-
-
-def save(mngr, state, model_config, metrics=None):
-  """Saves the state as checkpoint `state.step` (async) unless that step is already saved."""
-  if int(state.step) in mngr.all_steps():
-    return
-  train_items = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
-  mngr.save(int(state.step), metrics=metrics, force=True, args=ocp.args.Composite(
-      variables=ocp.args.StandardSave(state.variables),
-      model=ocp.args.JsonSave(model_config.to_dict()),
-      train=ocp.args.StandardSave(train_items)))
-
-
-def restore(mngr, state, step):
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(abstract.variables),
-      train=ocp.args.StandardRestore({"opt_state": abstract.opt_state, "step": abstract.step,
-                                      "rng": abstract.rng})))
-  v, t = restored["variables"], restored["train"]
-  return state.replace(params=v["params"], batch_stats=v["batch_stats"], **t)
 
 
 class Logger:
@@ -125,24 +92,45 @@ class Logger:
         tf.summary.scalar(f"{prefix}/{k}", v, step=step)
     self.tb.flush()
 
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
 
 def run_eval(run, variables, step):
   """COCO evaluation of `variables` on the val split; detections and metrics under WORKDIR/eval/step_N."""
-  batches, _ = pipeline.create_eval_dataset(run.config.data, global_batch_size=run.config.eval_batch_size,
-                                            image_size=run.detector.image_size)
-  return evaluation.evaluate(evaluation.make_detect_fn(run.detector), variables, batches,
-                             run.info.label_to_category_id, run.info.gt_json,
-                             out_dir=os.path.join(run.workdir, "eval", f"step_{step}"))
+  return evaluation.evaluate(run.detect_fn, variables, run.eval_batches, run.source.info.label_to_category_id,
+                             run.source.info.gt_json, out_dir=os.path.join(run.workdir, "eval", f"step_{step}"))
 
 
-def draw_val_predictions(config, detector, variables, info, out_dir, count=8):
+def draw_val_predictions(source, detector, variables, out_dir, count=8):
   """Pictures of the model's detections on the first val images (score >= 0.5)."""
   predictor = Predictor(detector, variables)
-  images = pipeline.eval_images(config.data, count)
+  images = pipeline.eval_images(source, count)
   os.makedirs(out_dir, exist_ok=True)
   for i, (image, det) in enumerate(zip(images, predictor(images))):
-    draw_detections(image, det, info.class_names, 0.5).save(os.path.join(out_dir, f"val_{i}.jpg"))
+    draw_detections(image, det, source.info.class_names, 0.5).save(os.path.join(out_dir, f"val_{i}.jpg"))
   return out_dir
+
+
+class MetricsMean:
+  """Means of the train-step metrics over the steps since the last `pop` (summed on device: no host sync per
+  step); lr is the last step's."""
+
+  def __init__(self):
+    self.total, self.count, self.last = None, 0, None
+
+  def add(self, metrics):
+    metrics = {k: v for k, v in metrics.items() if k != "finite"}
+    self.total = metrics if self.total is None else jax.tree.map(jnp.add, self.total, metrics)
+    self.count, self.last = self.count + 1, metrics
+
+  def pop(self) -> Dict[str, float]:
+    out = {k: float(v) / self.count for k, v in jax.device_get(self.total).items()}
+    out["lr"] = float(self.last["lr"])
+    self.total, self.count, self.last = None, 0, None
+    return out
 
 
 @dataclasses.dataclass
@@ -151,9 +139,11 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: str
   detector: Detector
-  info: sources.DatasetInfo
+  source: sources.Source
   step_fn: Callable
-  data: Iterator                   # sharded global batches
+  data: Iterator                   # sharded global batches, prefetched to the devices
+  detect_fn: Callable              # jitted detect.detect, for evaluation
+  eval_batches: Iterable           # re-iterable eval batches of this process
   mngr: ocp.CheckpointManager
   logger: Logger
   stop: Dict[str, Optional[int]]   # {"signal": the SIGTERM received, or None}
@@ -164,7 +154,8 @@ class Run:
 def train(config, workdir):
   distributed.maybe_initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
-  info = pipeline.dataset_info(config.data)
+  source = pipeline.open_source(config.data)
+  info = source.info
   if info.num_classes != config.model.num_classes:
     raise ValueError(f"config.model.num_classes={config.model.num_classes} but the dataset "
                      f"{config.data.name!r} has {info.num_classes} (incl. background); "
@@ -174,27 +165,27 @@ def train(config, workdir):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  detector = build_model(config.model)
+  detector = build_model(config.model, bn_axis_name=distributed.AXIS if config.sync_bn else None)
   mesh = distributed.make_mesh()
   if config.batch_size % mesh.size:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices")
-  steps_per_epoch = max(1, pipeline.num_train_examples(config.data) // config.batch_size)
+  steps_per_epoch = max(1, pipeline.num_train_examples(source) // config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
   tx, schedule = make_optimizer(config.optim, steps_per_epoch)
   rng = jax.random.key(config.seed)
   state = ts.create_train_state(detector, tx, rng, mesh, initial_variables(config, detector, rng))
-  step_fn = ts.make_train_step(detector, tx, schedule, mesh, sync_bn=config.sync_bn)
+  step_fn = ts.make_train_step(detector, tx, schedule, mesh)
 
-  mngr = checkpoint_manager(workdir, config)
+  mngr = checkpoint.train_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   if mngr.latest_step() is not None:
-    state = restore(mngr, state, mngr.latest_step())
+    state = checkpoint.restore_train_state(mngr, state, mngr.latest_step())
     logging.info("resumed from step %d", int(state.step))
   start = int(state.step)
-  data = pipeline.create_train_dataset(config.data, global_batch_size=config.batch_size,
+  data = pipeline.create_train_dataset(source, global_batch_size=config.batch_size,
                                        image_size=detector.image_size, seed=config.seed, start_step=start)
-  data = (distributed.shard_batch(batch, mesh) for batch in data)
+  data = distributed.prefetch_to_mesh(data, mesh)
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   if start < total_steps:
@@ -204,13 +195,20 @@ def train(config, workdir):
     step_fn = step_fn.lower(state, first).compile()
     data = itertools.chain([first], data)
     distributed.wait_for_all_processes("train_step_compiled")
-  run = Run(config, workdir, detector, info, step_fn, data, mngr, Logger(workdir), stop,
-            steps_per_epoch, total_steps)
+  eval_batches, _ = pipeline.create_eval_dataset(source, global_batch_size=config.eval_batch_size,
+                                                 image_size=detector.image_size)
+  logger = Logger(workdir)
+  run = Run(config, workdir, detector, source, step_fn, data, make_detect_fn(detector), eval_batches, mngr,
+            logger, stop, steps_per_epoch, total_steps)
+  logging.info("model %s/%s, %d classes, kernels %r, %d devices; %d steps of %d images",
+               config.model.backbone, config.model.head, config.model.num_classes, detector.kernels, mesh.size,
+               total_steps, config.batch_size)
   try:
     return _loop(run, state)
   finally:
     mngr.wait_until_finished()
     mngr.close()
+    logger.close()
 
 
 def _loop(run, state):
@@ -218,9 +216,10 @@ def _loop(run, state):
   config, done = run.config, int(state.step)
   eval_every = config.eval_every_epochs * run.steps_per_epoch
   bar = tqdm.tqdm(total=run.total_steps, initial=done, disable=jax.process_index() != 0, dynamic_ncols=True)
-  t0, last_logged, previous = time.time(), done, None
+  t0, last_logged, previous, interval = time.time(), done, None, MetricsMean()
   for step in range(done, run.total_steps):
     state, metrics = run.step_fn(state, next(run.data))
+    interval.add(metrics)
     done = step + 1
     bar.update(1)
     last = done == run.total_steps
@@ -236,7 +235,7 @@ def _loop(run, state):
       check_finite(done, metrics)
     previous = (done, metrics)
     if log_now:
-      scalars = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+      scalars = interval.pop()
       scalars["images_per_sec"] = (done - last_logged) * config.batch_size / (time.time() - t0)
       t0, last_logged = time.time(), done
       run.logger.write(done, scalars, "train")
@@ -247,18 +246,18 @@ def _loop(run, state):
       eval_metrics = run_eval(run, state.variables, done)
       run.logger.write(done, eval_metrics, "eval")
     if save_now:
-      save(run.mngr, state, config.model, eval_metrics)
+      checkpoint.save_train_state(run.mngr, state, config.model, eval_metrics)
     if stopping:
       logging.warning("received signal %d: saving step %d and exiting", run.stop["signal"], done)
-      save(run.mngr, state, config.model)
+      checkpoint.save_train_state(run.mngr, state, config.model)
       return None
   bar.close()
   final = run_eval(run, state.variables, int(state.step))
   run.logger.write(int(state.step), final, "eval")
-  save(run.mngr, state, config.model, final)
+  checkpoint.save_train_state(run.mngr, state, config.model, final)
   if jax.process_index() == 0:
     # host copies: the replicated state spans every process's devices, this runs on process 0 only
-    out = draw_val_predictions(config, run.detector, jax.device_get(state.variables), run.info,
+    out = draw_val_predictions(run.source, run.detector, jax.device_get(state.variables),
                                os.path.join(run.workdir, "predictions"))
     print(f"\nmAP@[.5:.95] = {final['AP']:.3f} at step {int(state.step)}; predictions drawn in {out}/")
   return final

@@ -1,15 +1,15 @@
 """torchvision's detection training augmentations (references/detection `ssdlite` and `ssd` presets) in TF ops.
 
-Each op takes an image [H, W, 3] (uint8, or float32 in [0, 1]), boxes [n, 4] float32 xyxy pixels of that image,
-labels [n] int32 and a stateless seed [2] int64, and has the parameters and distributions of torchvision
-(not its RNG stream). The preset ends with the pipeline's only resize, to the model size.
+Every op is `op(example, seed) -> example`: example {"image": [H, W, 3] uint8 or float32 in [0, 1], "boxes":
+[n, 4] float32 xyxy pixels of that image, "labels": [n] int32}, seed a stateless seed [2] int64. The ops have
+the parameters and distributions of torchvision (not its RNG stream). A preset is a tuple of ops (PRESETS);
+`augment` runs one, each op with its own seed, then the pipeline's only resize, to the model size.
 """
 
 import tensorflow as tf
 
 IOU_CROP_OPTIONS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)  # 1.0 (and above) means "no crop"
 ZOOM_OUT_FILL = (123.0, 117.0, 104.0)
-AUGMENTATIONS = ("none", "ssdlite", "ssd")
 _MAX_CROP_ROUNDS = 1000  # an option draw per round; a box-less image stops on "no crop" (p = 1/7 per round)
 
 
@@ -69,24 +69,26 @@ def iou_crop_window(height, width, boxes, seed, min_scale=0.3, max_scale=1.0, mi
   return window
 
 
-def random_iou_crop(image, boxes, labels, seed, **kwargs):
+def random_iou_crop(example, seed, **kwargs):
   """torchvision RandomIoUCrop (defaults: scale 0.3-1, aspect 0.5-2, options IOU_CROP_OPTIONS, 40 trials)."""
+  image, boxes, labels = example["image"], example["boxes"], example["labels"]
   shape = tf.shape(image)
   top, left, crop_h, crop_w, keep = iou_crop_window(shape[0], shape[1], boxes, seed, **kwargs)
   boxes = tf.boolean_mask(boxes, keep) - tf.cast(tf.stack([left, top, left, top]), tf.float32)
   limit = tf.cast(tf.stack([crop_w, crop_h, crop_w, crop_h]), tf.float32)
   boxes = tf.clip_by_value(boxes, 0.0, limit)
   image = tf.slice(image, tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, -1]))
-  return image, boxes, tf.boolean_mask(labels, keep)
+  return {"image": image, "boxes": boxes, "labels": tf.boolean_mask(labels, keep)}
 
 
-def random_horizontal_flip(image, boxes, seed, p=0.5):
+def random_horizontal_flip(example, seed, p=0.5):
   """Flips with probability p: x1' = W - x2, x2' = W - x1."""
+  image, boxes = example["image"], example["boxes"]
   width = tf.cast(tf.shape(image)[1], tf.float32)
   flip = _uniform(seed) < p
   image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
   flipped = tf.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
-  return image, tf.where(flip, flipped, boxes)
+  return {**example, "image": image, "boxes": tf.where(flip, flipped, boxes)}
 
 
 def _blend(image, other, factor):
@@ -97,9 +99,10 @@ def _grayscale(image):
   return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
 
 
-def random_photometric_distort(image, seed, p=0.5, brightness=(0.875, 1.125), contrast=(0.5, 1.5),
+def random_photometric_distort(example, seed, p=0.5, brightness=(0.875, 1.125), contrast=(0.5, 1.5),
                                saturation=(0.5, 1.5), hue=(-0.05, 0.05)):
-  """torchvision RandomPhotometricDistort on a float32 [0, 1] image (contrast before or after sat/hue)."""
+  """torchvision RandomPhotometricDistort (contrast before or after sat/hue); the image becomes float32 [0, 1]."""
+  image = tf.image.convert_image_dtype(example["image"], tf.float32)
   s_r, s_b, s_c, s_s, s_h, s_p = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
   r = _uniform(s_r, [7])
   factor = lambda s, lo_hi: lo_hi[0] + (lo_hi[1] - lo_hi[0]) * _uniform(s)
@@ -112,11 +115,12 @@ def random_photometric_distort(image, seed, p=0.5, brightness=(0.875, 1.125), co
   image = maybe(r[4] < p, lambda img: tf.clip_by_value(tf.image.adjust_hue(img, factor(s_h, hue)), 0.0, 1.0), image)
   image = maybe(tf.logical_not(contrast_before) & (r[5] < p), adjust_contrast, image)
   perm = tf.argsort(_uniform(s_p, [3]))
-  return maybe(r[6] < p, lambda img: tf.gather(img, perm, axis=-1), image)
+  return {**example, "image": maybe(r[6] < p, lambda img: tf.gather(img, perm, axis=-1), image)}
 
 
-def random_zoom_out(image, boxes, seed, p=0.5, side_range=(1.0, 4.0), fill=ZOOM_OUT_FILL):
-  """torchvision RandomZoomOut on a float32 [0, 1] image: a canvas int(side * W) x int(side * H) of fill/255."""
+def random_zoom_out(example, seed, p=0.5, side_range=(1.0, 4.0), fill=ZOOM_OUT_FILL):
+  """torchvision RandomZoomOut: a canvas int(side * W) x int(side * H) of fill/255; the image becomes float32."""
+  image, boxes = tf.image.convert_image_dtype(example["image"], tf.float32), example["boxes"]
   u = _uniform(seed, [4])
   shape = tf.shape(image)
   h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
@@ -126,7 +130,7 @@ def random_zoom_out(image, boxes, seed, p=0.5, side_range=(1.0, 4.0), fill=ZOOM_
   pads = tf.cast([[top, canvas_h - h - top], [left, canvas_w - w - left], [0.0, 0.0]], tf.int32)
   fill = tf.constant(fill, tf.float32) / 255.0
   image = tf.pad(image - fill, pads) + fill
-  return image, boxes + tf.stack([left, top, left, top])
+  return {**example, "image": image, "boxes": boxes + tf.stack([left, top, left, top])}
 
 
 def resize(image, boxes, size):
@@ -142,16 +146,21 @@ def resize(image, boxes, size):
   return out, boxes * tf.stack([scale_x, scale_y, scale_x, scale_y])
 
 
-def augment(image, boxes, labels, seed, kind, size):
-  """A preset then the resize. image [H, W, 3] uint8 -> ([h, w, 3] float32 [0, 1], boxes [m, 4], labels [m])."""
-  if kind not in AUGMENTATIONS:
-    raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {kind!r}")
-  s_photo, s_zoom, s_crop, s_flip = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
-  if kind == "ssd":
-    image = random_photometric_distort(tf.image.convert_image_dtype(image, tf.float32), s_photo)
-    image, boxes = random_zoom_out(image, boxes, s_zoom)
-  if kind in ("ssd", "ssdlite"):
-    image, boxes, labels = random_iou_crop(image, boxes, labels, s_crop)
-    image, boxes = random_horizontal_flip(image, boxes, s_flip)
-  image, boxes = resize(image, boxes, size)
-  return image, boxes, labels
+PRESETS = {
+    "none": (),
+    "ssdlite": (random_iou_crop, random_horizontal_flip),
+    "ssd": (random_photometric_distort, random_zoom_out, random_iou_crop, random_horizontal_flip),
+}
+
+
+def augment(example, seed, preset: str, size):
+  """PRESETS[preset] (op k with seed k of stateless_split(seed, len(ops))), then the resize to size (h, w):
+  image [H, W, 3] uint8 -> {"image": [h, w, 3] float32 in [0, 1], "boxes": [m, 4], "labels": [m]}."""
+  if preset not in PRESETS:
+    raise ValueError(f"augmentation must be one of {tuple(PRESETS)}, got {preset!r}")
+  ops = PRESETS[preset]
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, len(ops))) if ops else []
+  for op, op_seed in zip(ops, seeds):
+    example = op(example, op_seed)
+  image, boxes = resize(example["image"], example["boxes"], size)
+  return {**example, "image": image, "boxes": boxes}

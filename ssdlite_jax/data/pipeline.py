@@ -78,8 +78,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   })
 
 
-def _setup(cfg):
-  """Keeps TF off accelerators and opens the source (data_dir expanded)."""
+def open_source(cfg) -> sources.Source:
+  """Prepares (if needed) and opens the dataset of data config `cfg` (a copy, data_dir expanded), once per
+  program: the pipelines below take the opened source; source.info is the label space and ground truth.
+  Keeps TensorFlow off accelerators."""
   for kind in ("GPU", "TPU"):
     try:
       tf.config.set_visible_devices([], kind)
@@ -87,23 +89,16 @@ def _setup(cfg):
       pass
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.data_dir = os.path.expanduser(cfg.data_dir)
-  return cfg, sources.open_source(cfg)
+  return sources.open_source(cfg)
 
 
-def dataset_info(cfg) -> sources.DatasetInfo:
-  """num_classes, class_names, label_to_category_id and the eval ground-truth json (prepares the data)."""
-  return _setup(cfg)[1].info
-
-
-def num_train_examples(cfg) -> int:
+def num_train_examples(source: sources.Source) -> int:
   """Examples in the prepared train split (TFDS metadata; before torchvision's no-annotation filter)."""
-  source = _setup(cfg)[1]
   return source.builder.info.splits[source.info.train_split].num_examples
 
 
-def eval_images(cfg, count: int) -> list:
+def eval_images(source: sources.Source, count: int) -> list:
   """The first `count` eval images, decoded as H x W x 3 uint8 RGB at their original size."""
-  source = _setup(cfg)[1]
   ds = _read(source, source.info.eval_split).take(count).map(
     lambda ex: tf.io.decode_image(ex["image"], channels=3, expand_animations=False))
   return list(tfds.as_numpy(ds))
@@ -129,7 +124,8 @@ def _example(source, ex, kind, size, max_boxes, seed):
   orig_size = tf.shape(image)[:2]
   bbox_xywh, labels, is_crowd = source.annotations(ex)
   boxes, labels = cleaning.clean_boxes(bbox_xywh, labels, is_crowd, orig_size[0], orig_size[1])
-  image, boxes, labels = augment.augment(image, boxes, labels, seed, kind, size)
+  example = augment.augment({"image": image, "boxes": boxes, "labels": labels}, seed, kind, size)
+  image, boxes, labels = example["image"], example["boxes"], example["labels"]
   num = tf.shape(boxes)[0]
   kept = tf.minimum(num, max_boxes)
   image.set_shape(list(size) + [3])
@@ -164,13 +160,13 @@ def _parallel(cfg):
   return tf.data.AUTOTUNE if cfg.num_parallel_calls < 0 else cfg.num_parallel_calls
 
 
-def create_train_dataset(cfg, *, global_batch_size, image_size, seed, process_index=None,
+def create_train_dataset(source: sources.Source, *, global_batch_size, image_size, seed, process_index=None,
                          process_count=None, start_step=0):
   """Infinite iterator of training batches of this process; the first one is batch `start_step`.
 
   image_size (h, w) of the model input; seed fixes the order and the augmentation.
   """
-  cfg, source = _setup(cfg)
+  cfg = source.config
   index, count, batch = _process(process_index, process_count, global_batch_size)
   size = tuple(int(s) for s in image_size)
   base = _read(source, source.info.train_split).filter(
@@ -215,10 +211,11 @@ class _Batches:
     return self._num_batches
 
 
-def create_eval_dataset(cfg, *, global_batch_size, image_size, process_index=None, process_count=None):
-  """(iterable of eval batches of this process, num_batches): every image of the eval split exactly once
+def create_eval_dataset(source: sources.Source, *, global_batch_size, image_size, process_index=None,
+                        process_count=None):
+  """(re-iterable eval batches of this process, num_batches): every image of the eval split exactly once
   over all processes, in the prepared (TFDS) order, the last batch padded with valid=False examples."""
-  cfg, source = _setup(cfg)
+  cfg = source.config
   index, count, batch = _process(process_index, process_count, global_batch_size)
   size = tuple(int(s) for s in image_size)
   splits = tfds.even_splits(source.info.eval_split, n=count)

@@ -8,7 +8,7 @@ example (image left encoded) to the json's view of its objects, in the dataset's
 import dataclasses
 import json
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
@@ -37,9 +37,12 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
+  """An opened dataset: its prepared TFDS builder, label space, annotation reader and the data config it was
+  opened with (whose pipeline settings the pipelines use)."""
   builder: tfds.core.DatasetBuilder
   info: DatasetInfo
   annotations: Callable
+  config: Any
 
 
 def _label_space(categories, label_mode):
@@ -72,7 +75,7 @@ def _folder_source(cfg, config, gt_json) -> Source:
     objects = ex["objects"]
     return objects["bbox"], tf.gather(lookup, objects["category_id"]), objects["is_crowd"]
 
-  return Source(builder, DatasetInfo(num_classes, names, to_category, gt_json), annotations)
+  return Source(builder, DatasetInfo(num_classes, names, to_category, gt_json), annotations, cfg)
 
 
 def _coco2017_gt_json(builder, path) -> str:
@@ -116,7 +119,8 @@ def _coco2017_source(cfg) -> Source:
     xywh = tf.stack([x1 * hw[1], y1 * hw[0], (x2 - x1) * hw[1], (y2 - y1) * hw[0]], axis=-1)
     return xywh, tf.gather(tfds_to_category, objects["label"]), objects["is_crowd"]
 
-  return Source(builder, DatasetInfo(coco_labels.NUM_CLASSES, tuple(names), to_category, gt_json), annotations)
+  return Source(builder, DatasetInfo(coco_labels.NUM_CLASSES, tuple(names), to_category, gt_json), annotations,
+                cfg)
 
 
 def open_source(cfg) -> Source:

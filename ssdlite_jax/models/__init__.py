@@ -14,8 +14,10 @@ import ml_collections
 import numpy as np
 
 from ssdlite_jax import anchors as anchors_lib
+from ssdlite_jax import kernels as kernels_lib
+from ssdlite_jax.models import layers
 from ssdlite_jax.models.heads import SSDLitePredictor
-from ssdlite_jax.models.layers import wide_dtype
+from ssdlite_jax.dtypes import wide_dtype
 from ssdlite_jax.models.mobilenet_v3 import MobileNetV3SSDLite
 from ssdlite_jax.models.ssd import SSD
 
@@ -44,19 +46,25 @@ def default_model_config() -> ml_collections.ConfigDict:
   c.nms_thresh = 0.55
   c.topk_candidates = 300
   c.detections_per_img = 300
-  c.depthwise_impl = "auto"   # 'shift' (fast on CPU), 'xla' (grouped conv), 'auto' picks per backend
+  c.kernels = "auto"          # 'cpu' (ssdlite_jax.kernels), 'xla' (plain XLA ops), 'auto': 'cpu' on CPU only
   # Compute dtype; params stay float32. 'float64' (params too; needs jax_enable_x64) is for numerical checks.
   c.dtype = "float32"
   return c
 
 
+# torchvision models whose state_dicts load without a model config: name -> model config (loading.py).
+TORCHVISION_VARIANTS = {"ssdlite320_mobilenet_v3_large": default_model_config}
+
+
 @dataclasses.dataclass(frozen=True)
 class Detector:
-  """A built model: the Flax module, its anchors [A, 4] xyxy px (numpy float32; float64 for a float64 model)
-  and its config."""
+  """A built model: the Flax module, its anchors [A, 4] xyxy px (numpy float32; float64 for a float64 model),
+  its config, the kernels it runs ('cpu' | 'xla', config.kernels resolved) and the BN axis name (sync BN)."""
   module: SSD
   anchors: np.ndarray
   config: ml_collections.ConfigDict
+  kernels: str
+  bn_axis_name: Optional[str] = None
 
   @property
   def image_size(self):
@@ -82,7 +90,8 @@ class Detector:
 
 
 def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None) -> Detector:
-  """Builds the detector described by a model config (see default_model_config)."""
+  """Builds the detector described by a model config (see default_model_config); with `bn_axis_name`, its
+  BatchNorm layers average batch statistics over that mapped axis (sync BN in train_step)."""
   if config.backbone not in BACKBONES:
     raise ValueError(f"model.backbone={config.backbone!r}; known: {sorted(BACKBONES)}")
   if config.head not in HEADS:
@@ -93,8 +102,9 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
   if dtype == jnp.float64 and not jax.config.jax_enable_x64:
     raise ValueError("model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 or "
                      "jax.config.update('jax_enable_x64', True) first")
-  common = dict(bn_axis_name=bn_axis_name, depthwise_impl=config.depthwise_impl, dtype=dtype)
-  backbone = BACKBONES[config.backbone](**config.backbone_kwargs.to_dict(), **common)
+  kernels = kernels_lib.resolve(config.kernels)
+  factories = layers.layer_factories(kernels, dtype, bn_axis_name)._asdict()
+  backbone = BACKBONES[config.backbone](**config.backbone_kwargs.to_dict(), **factories)
   a = config.anchors
   num_anchors = anchors_lib.num_anchors_per_location(a.aspect_ratios)
   size = (config.image_size, config.image_size)
@@ -106,5 +116,5 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
       scales=a.scales or None, steps=a.steps or None, clip=a.clip, dtype=np.dtype(wide_dtype(dtype)))
   module = SSD(backbone=backbone, head=HEADS[config.head], num_classes=config.num_classes,
                num_anchors=num_anchors, image_mean=tuple(config.image_mean),
-               image_std=tuple(config.image_std), head_kwargs=common)
-  return Detector(module=module, anchors=anchors, config=config)
+               image_std=tuple(config.image_std), head_kwargs=factories)
+  return Detector(module=module, anchors=anchors, config=config, kernels=kernels, bn_axis_name=bn_axis_name)

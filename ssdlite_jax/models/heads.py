@@ -1,11 +1,11 @@
 """SSDlite prediction heads: per level, depthwise 3x3 + BN + ReLU6, then a 1x1 conv with bias."""
 
-from typing import Any, Optional, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ssdlite_jax.models.layers import ConvBNAct, conv
+from ssdlite_jax.models import layers
 
 
 class SSDLitePredictor(nn.Module):
@@ -15,17 +15,15 @@ class SSDLitePredictor(nn.Module):
   """
   num_anchors: Sequence[int]
   num_outputs: int
-  bn_axis_name: Optional[str] = None
-  depthwise_impl: str = "auto"
-  dtype: Any = jnp.float32
+  conv: Callable = layers.conv
+  conv_bn: Callable = layers.ConvBNAct
 
   @nn.compact
   def __call__(self, features, train: bool):
     outs = []
     for level, (x, a) in enumerate(zip(features, self.num_anchors)):
-      x = ConvBNAct(x.shape[-1], 3, depthwise=True, bn_axis_name=self.bn_axis_name,
-                    depthwise_impl=self.depthwise_impl, dtype=self.dtype, name=f"level{level}_depthwise")(x, train)
-      x = conv(a * self.num_outputs, 1, use_bias=True, dtype=self.dtype, name=f"level{level}_proj")(x)
+      x = self.conv_bn(x.shape[-1], 3, depthwise=True, name=f"level{level}_depthwise")(x, train)
+      x = self.conv(a * self.num_outputs, 1, use_bias=True, name=f"level{level}_proj")(x)
       outs.append(x.reshape(x.shape[0], -1, self.num_outputs))
     return jnp.concatenate(outs, axis=1)
 

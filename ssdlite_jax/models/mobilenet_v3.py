@@ -5,12 +5,12 @@ C4 block (672 x 20 x 20 at 320 px) and the last conv (480 x 10 x 10); then four 
 extra blocks. All feature maps are NHWC.
 """
 
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ssdlite_jax.models.layers import ConvBNAct, conv
+from ssdlite_jax.models import layers
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
@@ -60,13 +60,13 @@ def large_config(width_mult: float = 1.0, reduced_tail: bool = True) -> Tuple[Li
 class SqueezeExcitation(nn.Module):
   """Global average pool -> 1x1 conv + ReLU -> 1x1 conv + Hardsigmoid -> channel gate."""
   squeeze: int
-  dtype: Any = jnp.float32
+  conv: Callable = layers.conv
 
   @nn.compact
   def __call__(self, x):
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.relu(conv(self.squeeze, use_bias=True, dtype=self.dtype, name="fc1")(s))
-    s = nn.hard_sigmoid(conv(x.shape[-1], use_bias=True, dtype=self.dtype, name="fc2")(s))
+    s = nn.relu(self.conv(self.squeeze, use_bias=True, name="fc1")(s))
+    s = nn.hard_sigmoid(self.conv(x.shape[-1], use_bias=True, name="fc2")(s))
     return x * s
 
 
@@ -76,23 +76,21 @@ class InvertedResidual(nn.Module):
   Returns (expansion output, block output): the first is SSDlite's C4 tap.
   """
   cfg: BlockConfig
-  bn_axis_name: Optional[str] = None
-  depthwise_impl: str = "auto"
-  dtype: Any = jnp.float32
+  conv: Callable = layers.conv
+  conv_bn: Callable = layers.ConvBNAct
 
   @nn.compact
   def __call__(self, x, train: bool):
     cfg = self.cfg
-    common = dict(bn_axis_name=self.bn_axis_name, depthwise_impl=self.depthwise_impl, dtype=self.dtype)
     h = x
     if cfg.expanded != cfg.in_ch:
-      h = ConvBNAct(cfg.expanded, 1, activation=cfg.activation, name="expand", **common)(h, train)
+      h = self.conv_bn(cfg.expanded, 1, activation=cfg.activation, name="expand")(h, train)
     expanded = h
-    h = ConvBNAct(cfg.expanded, cfg.kernel, cfg.stride, depthwise=True, activation=cfg.activation,
-                  name="depthwise", **common)(h, train)
+    h = self.conv_bn(cfg.expanded, cfg.kernel, cfg.stride, depthwise=True, activation=cfg.activation,
+                     name="depthwise")(h, train)
     if cfg.use_se:
-      h = SqueezeExcitation(make_divisible(cfg.expanded // 4, 8), self.dtype, name="se")(h)
-    h = ConvBNAct(cfg.out_ch, 1, activation="none", name="project", **common)(h, train)
+      h = SqueezeExcitation(make_divisible(cfg.expanded // 4, 8), self.conv, name="se")(h)
+    h = self.conv_bn(cfg.out_ch, 1, activation="none", name="project")(h, train)
     if cfg.stride == 1 and cfg.in_ch == cfg.out_ch:
       h = h + x
     return expanded, h
@@ -105,28 +103,27 @@ class MobileNetV3SSDLite(nn.Module):
   min_depth: int = 16
   extra_depths: Sequence[int] = (512, 256, 256, 128)
   c4_pos: int = 13
-  bn_axis_name: Optional[str] = None
-  depthwise_impl: str = "auto"
-  dtype: Any = jnp.float32
+  conv: Callable = layers.conv
+  conv_bn: Callable = layers.ConvBNAct
 
   @nn.compact
   def __call__(self, x, train: bool):
     blocks, last_ch = large_config(self.width_mult, self.reduced_tail)
-    common = dict(bn_axis_name=self.bn_axis_name, depthwise_impl=self.depthwise_impl, dtype=self.dtype)
-    x = ConvBNAct(blocks[0].in_ch, 3, 2, activation="hardswish", name="stem", **common)(x, train)
+    conv_bn = self.conv_bn
+    x = conv_bn(blocks[0].in_ch, 3, 2, activation="hardswish", name="stem")(x, train)
     features = []
     for i, cfg in enumerate(blocks, start=1):
-      expanded, x = InvertedResidual(cfg, name=f"block{i}", **common)(x, train)
+      expanded, x = InvertedResidual(cfg, self.conv, conv_bn, name=f"block{i}")(x, train)
       if i == self.c4_pos:
         features.append(expanded)
-    x = ConvBNAct(last_ch, 1, activation="hardswish", name="last_conv", **common)(x, train)
+    x = conv_bn(last_ch, 1, activation="hardswish", name="last_conv")(x, train)
     features.append(x)
     for k, depth in enumerate(self.extra_depths):
       out_ch = max(self.min_depth, int(depth * self.width_mult))
       mid = out_ch // 2
-      x = ConvBNAct(mid, 1, name=f"extra{k}_reduce", **common)(x, train)
-      x = ConvBNAct(mid, 3, 2, depthwise=True, name=f"extra{k}_depthwise", **common)(x, train)
-      x = ConvBNAct(out_ch, 1, name=f"extra{k}_expand", **common)(x, train)
+      x = conv_bn(mid, 1, name=f"extra{k}_reduce")(x, train)
+      x = conv_bn(mid, 3, 2, depthwise=True, name=f"extra{k}_depthwise")(x, train)
+      x = conv_bn(out_ch, 1, name=f"extra{k}_expand")(x, train)
       features.append(x)
     return features
 

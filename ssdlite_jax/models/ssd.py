@@ -5,7 +5,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ssdlite_jax.models.layers import wide_dtype
+from ssdlite_jax.dtypes import wide_dtype
 
 
 class SSD(nn.Module):

@@ -1,0 +1,75 @@
+"""One way to load a detector: from an orbax checkpoint directory, a torchvision `.pth` or a `.safetensors`.
+
+    detector, variables, step = load_detector("runs/coco/checkpoints")          # step: the latest
+    detector, variables, step = load_detector("finetuned_13class.pth")          # step None; 13 classes
+
+A checkpoint carries its own model config. For a torchvision state_dict the model variant is the registered
+one (models.TORCHVISION_VARIANTS) whose state_dict keys it has, and the class count is read from the
+classification head's shapes; `model_config` fixes the variant (and post-processing settings) instead.
+"""
+
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import ml_collections
+import numpy as np
+
+from ssdlite_jax import checkpoint, porting
+from ssdlite_jax.models import TORCHVISION_VARIANTS, Detector, build_model
+
+
+def load_detector(source: str, model_config: Optional[ml_collections.ConfigDict] = None,
+                  step: Optional[int] = None) -> Tuple[Detector, Dict[str, Any], Optional[int]]:
+  """(detector, variables {"params", "batch_stats"}, step) of a checkpoint directory (step: that step, default
+  the latest) or of a torchvision state_dict file (step None). Errors name the file and the keys at fault."""
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"{source}: no such checkpoint directory or weights file")
+  if os.path.isdir(source):
+    if model_config is not None:
+      raise ValueError(f"{source}: a checkpoint carries its own model config; do not pass model_config")
+    variables, cfg, step = checkpoint.load_variables(source, step)
+    return build_model(cfg), variables, step
+  if step is not None:
+    raise ValueError(f"{source}: step={step} applies to checkpoint directories, not to a weights file")
+  state_dict = porting.load_state_dict(source)
+  try:
+    detector = build_model(model_config_for(state_dict, model_config))
+    return detector, porting.torch_to_flax(state_dict, detector), None
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
+
+
+def model_config_for(state_dict: Mapping[str, np.ndarray],
+                     model_config: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
+  """The model config of a torchvision state_dict: `model_config` (default: the registered variant whose keys
+  the state_dict has) with num_classes read from the classification head."""
+  candidates = ({"the given model config": model_config} if model_config is not None
+                else {name: make() for name, make in TORCHVISION_VARIANTS.items()})
+  misfits = []
+  for name, cfg in candidates.items():
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    detector = build_model(cfg)
+    expected = [key for _, _, key, _ in porting.key_map(detector)]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = sorted(set(state_dict) - set(expected))
+    if not missing and not unexpected:
+      cfg.num_classes = num_classes_of(state_dict, detector)
+      return cfg
+    misfits.append(f"{name}: {len(missing)} keys missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                   f"(e.g. {unexpected[:3]})")
+  raise ValueError("the state_dict fits no known SSD variant:\n  " + "\n  ".join(misfits))
+
+
+def num_classes_of(state_dict: Mapping[str, np.ndarray], detector: Detector) -> int:
+  """K from the classification head's per-level output biases [A_l * K] (A_l anchors per location)."""
+  biases = [key for _, path, key, _ in porting.key_map(detector)
+            if path[0] == "classification_head" and path[-1] == "bias" and "bn" not in path]
+  counts = {}
+  for key, anchors in zip(biases, detector.module.num_anchors):
+    size = int(np.shape(state_dict[key])[0])
+    if size % anchors:
+      raise ValueError(f"{key} has {size} outputs, not a multiple of the level's {anchors} anchors")
+    counts[key] = size // anchors
+  if len(set(counts.values())) != 1:
+    raise ValueError(f"the classification head's levels disagree on the class count: {counts}")
+  return next(iter(counts.values()))
