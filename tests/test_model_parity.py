@@ -16,7 +16,7 @@ def torch_model():
   return random_torchvision_ssdlite()
 
 
-@pytest.fixture(scope="module", params=["cpu", "xla"])
+@pytest.fixture(scope="module", params=["cpu", "xla", "per_platform"])   # per_platform: cpu's branch here
 def ported(request, torch_model):
   cfg = default_model_config()
   cfg.kernels = request.param

@@ -1,4 +1,4 @@
-"""The command-line programs: train, eval, predict, port_weights (top-level scripts and console scripts)."""
+"""The command-line programs: train, eval, predict, port_weights, export (top-level scripts and console scripts)."""
 
 import sys
 

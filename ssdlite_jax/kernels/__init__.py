@@ -11,16 +11,18 @@ functions with custom VJPs built on matrix products:
   pointwise.pointwise_conv    1x1 conv as a matmul
 
 `model.kernels`: 'cpu' uses them, 'xla' the plain XLA ops (grouped conv, generic BatchNorm, nn.Conv), 'auto'
-(default) picks 'cpu' on the CPU backend and 'xla' elsewhere, once, in build_model.
+(default) picks 'cpu' on the CPU backend and 'xla' elsewhere, once, in build_model. 'per_platform' decides when
+the function is lowered (lax.platform_dependent: the CPU kernels for 'cpu', XLA's ops elsewhere), for exported
+inference functions that run on several platforms; training BatchNorm then takes the generic path.
 """
 
 import jax
 
-KERNELS = ("auto", "cpu", "xla")
+KERNELS = ("auto", "cpu", "xla", "per_platform")
 
 
 def resolve(kernels: str) -> str:
-  """'auto' -> 'cpu' on the CPU backend, 'xla' elsewhere; 'cpu' and 'xla' as given."""
+  """'auto' -> 'cpu' on the CPU backend, 'xla' elsewhere; the others as given."""
   if kernels not in KERNELS:
     raise ValueError(f"model.kernels={kernels!r}; known: {KERNELS}")
   if kernels == "auto":

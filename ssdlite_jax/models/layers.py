@@ -5,9 +5,9 @@ and torchvision's from-scratch init N(0, 0.03^2), zero bias. BatchNorm follows t
 including the unbiased variance in the running-statistics update. Parameters, statistics and sums are
 kept in `wide_dtype(dtype)`: float32 for float32/bfloat16 compute, float64 for a float64 model.
 
-`kernels` ('cpu' or 'xla', resolved by build_model, see ssdlite_jax.kernels) picks the implementation; the
-parameters are the same either way. Models take these layers as partials with the options already bound
-(`layer_factories`), as Flax's ResNet takes `conv` and `norm`.
+`kernels` ('cpu', 'xla' or 'per_platform', resolved by build_model, see ssdlite_jax.kernels) picks the
+implementation; the parameters are the same either way. Models take these layers as partials with the options
+already bound (`layer_factories`), as Flax's ResNet takes `conv` and `norm`.
 """
 
 import functools
@@ -104,21 +104,34 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, c), wide_dtype(self.dtype))
-    fn = depthwise_conv if self.kernels == "cpu" else depthwise_conv_xla
-    return fn(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, _pad(self.kernel_size))
+    args = (x.astype(self.dtype), kernel.astype(self.dtype))
+    cpu = lambda x, k: depthwise_conv(x, k, self.stride, _pad(self.kernel_size))
+    xla = lambda x, k: depthwise_conv_xla(x, k, self.stride, _pad(self.kernel_size))
+    if self.kernels == "per_platform":
+      return lax.platform_dependent(*args, cpu=cpu, default=xla)
+    return (cpu if self.kernels == "cpu" else xla)(*args)
 
 
 class PointwiseConv(nn.Module):
   """1x1 conv as a matmul over the channel axis: [..., Cin] -> [..., features]; kernel [1, 1, Cin, features]
-  (and bias) exactly as nn.Conv stores and initialises them."""
+  (and bias) exactly as nn.Conv stores and initialises them. kernels='per_platform': the matmul on CPU, XLA's
+  1x1 convolution elsewhere."""
   features: int
   use_bias: bool = False
   dtype: Any = jnp.float32
+  kernels: str = "cpu"
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), wide_dtype(self.dtype))
-    y = pointwise_conv(x.astype(self.dtype), kernel)
+    x = x.astype(self.dtype)
+    if self.kernels == "per_platform":
+      xla = lambda x, k: lax.conv_general_dilated(x.reshape((-1, 1, 1, x.shape[-1])), k.astype(x.dtype), (1, 1),
+                                                  "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+                                                  ).reshape(x.shape[:-1] + (k.shape[-1],))
+      y = lax.platform_dependent(x, kernel, cpu=pointwise_conv, default=xla)
+    else:
+      y = pointwise_conv(x, kernel)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), wide_dtype(self.dtype)).astype(self.dtype)
     return y
@@ -126,9 +139,10 @@ class PointwiseConv(nn.Module):
 
 def conv(features: int, kernel_size: int = 1, stride: int = 1, use_bias: bool = False, *, kernels: str = "xla",
          dtype: Any = jnp.float32, name: Optional[str] = None) -> nn.Module:
-  """A dense conv with torch padding and init (with kernels='cpu', 1x1 stride 1 is a PointwiseConv)."""
-  if kernels == "cpu" and kernel_size == 1 and stride == 1:
-    return PointwiseConv(features, use_bias, dtype, name=name)
+  """A dense conv with torch padding and init (with kernels 'cpu' or 'per_platform', 1x1 stride 1 is a
+  PointwiseConv)."""
+  if kernels in ("cpu", "per_platform") and kernel_size == 1 and stride == 1:
+    return PointwiseConv(features, use_bias, dtype, kernels, name=name)
   return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=_pad(kernel_size), use_bias=use_bias, kernel_init=conv_init,
                  bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=wide_dtype(dtype), name=name)

@@ -1,0 +1,68 @@
+"""Deployment export of a detector with its weights baked in: one module per format.
+
+  stablehlo   `jax.export` of detect.detect (network + post-processing), batch-polymorphic (.jaxexport)
+
+Every file comes with `<file>.json`: the metadata (model variant, classes, input and output layout,
+post-processing settings, where the weights came from) that a runtime needs to use it.
+"""
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+import ml_collections
+
+from ssdlite_jax.models import Detector, build_model
+
+
+def with_overrides(detector: Detector, kernels: str, score_thresh: Optional[float] = None,
+                   max_detections: Optional[int] = None, image_size: Optional[int] = None) -> Detector:
+  """The detector rebuilt for a format's `kernels` (model.kernels) with export-time post-processing / input-size
+  overrides (None keeps the config's); the weights do not depend on any of them."""
+  cfg = ml_collections.ConfigDict(detector.config.to_dict())
+  if score_thresh is not None:
+    if not 0.0 <= score_thresh < 1.0:
+      raise ValueError(f"--score-thresh={score_thresh}: must be in [0, 1)")
+    cfg.score_thresh = float(score_thresh)
+  if max_detections is not None:
+    if max_detections < 1:
+      raise ValueError(f"--max-detections={max_detections}: must be >= 1")
+    cfg.detections_per_img = int(max_detections)
+  if image_size is not None:
+    if image_size < 32:
+      raise ValueError(f"--image-size={image_size}: must be >= 32")
+    cfg.image_size = int(image_size)
+  cfg.kernels = kernels
+  return build_model(cfg)
+
+
+def metadata(detector: Detector, source: str, fmt: str, **extra) -> Dict[str, Any]:
+  """What a runtime needs to know about an exported file (written next to it as JSON)."""
+  cfg = detector.config
+  return {
+      "format": fmt,
+      "source": source,
+      "model": {"backbone": cfg.backbone, "head": cfg.head, "num_classes": cfg.num_classes,
+                "class_names": list(cfg.class_names), "image_size": [cfg.image_size, cfg.image_size]},
+      "postprocess": {"score_thresh": cfg.score_thresh, "nms_thresh": cfg.nms_thresh,
+                      "topk_candidates": cfg.topk_candidates, "detections_per_img": cfg.detections_per_img,
+                      "box_coder_weights": list(cfg.box_coder_weights)},
+      **extra,
+  }
+
+
+def write_atomically(path: str, data: bytes, meta: Dict[str, Any]) -> None:
+  """Writes `path` and `path`.json through temporary files, so that a failure never leaves a partial file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp, tmp_meta = path + ".tmp", path + ".json.tmp"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    with open(tmp_meta, "w") as f:
+      json.dump(meta, f, indent=2)
+    os.replace(tmp_meta, path + ".json")
+    os.replace(tmp, path)
+  finally:
+    for p in (tmp, tmp_meta):
+      if os.path.exists(p):
+        os.remove(p)

@@ -1,0 +1,163 @@
+"""export.py: each format's detections against the Predictor's detect function on the same resized inputs, the
+file's metadata, and bad input. StableHLO: the full SSDlite320 through the CLI, batch-polymorphic, and the file
+run bit-exact in a venv that has only jax and jaxlib. TFLite: the full SSDlite320 on the LiteRT interpreter,
+builtin ops only, MediaPipe's output order."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ssdlite_jax import checkpoint, detect, porting
+from ssdlite_jax.cli import export as export_cli
+from ssdlite_jax.loading import load_detector
+from ssdlite_jax.models import build_model, default_model_config
+from tests.helpers import import_or_skip
+from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
+
+SIZES = np.array([[320, 320], [240, 300], [480, 640]], np.int32)   # (h, w) before the resize
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("export") / "ssdlite320.safetensors")
+  porting.save_state_dict(state_dict_numpy(random_torchvision_ssdlite(seed=4)), path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def stablehlo_file(weights, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("export") / "ssdlite320.jaxexport")
+  export_cli.main(["--torch-weights", weights, "--format", "stablehlo", "--out", out, "--max-detections", "200"])
+  return out
+
+
+def _deserialize(path):
+  with open(path, "rb") as f:
+    return jax.export.deserialize(bytearray(f.read()))
+
+
+def _images(n, size=320):
+  return smooth_images(n, size, size, seed=11)
+
+
+def test_stablehlo_equals_the_predictor_detect_fn(weights, stablehlo_file):
+  detector, variables, _ = load_detector(weights)
+  reference = jax.device_get(detect.make_detect_fn(detector)(variables, _images(3), SIZES))
+  got = jax.device_get(_deserialize(stablehlo_file).call(_images(3), SIZES))
+  assert got["boxes"].shape == (3, 200, 4)   # --max-detections
+  for i in range(3):
+    n = int(reference["valid"][i][:200].sum())
+    assert n == int(got["valid"][i].sum()) == 200
+    np.testing.assert_array_equal(got["labels"][i][:n], reference["labels"][i][:n])
+    np.testing.assert_allclose(got["scores"][i][:n], reference["scores"][i][:n], atol=1e-5)
+    np.testing.assert_allclose(got["boxes"][i][:n], reference["boxes"][i][:n], atol=1e-3 * SIZES[i].max())
+  with open(stablehlo_file + ".json") as f:
+    meta = json.load(f)
+  assert meta["format"] == "stablehlo" and meta["postprocess"]["detections_per_img"] == 200
+  assert meta["postprocess"]["score_thresh"] == 0.001 and meta["model"]["num_classes"] == 91
+  assert meta["model"]["image_size"] == [320, 320] and set(meta["platforms"]) == {"cpu", "cuda"}
+
+
+def test_stablehlo_batch_of_one_and_no_detection_above_the_threshold(weights, tmp_path):
+  out = str(tmp_path / "strict.jaxexport")
+  export_cli.main(["--torch-weights", weights, "--format", "stablehlo", "--out", out, "--score-thresh", "0.9999",
+                   "--max-detections", "10"])
+  # Random weights give softmax scores far below 0.9999: every slot invalid, not an error.
+  dets = jax.device_get(_deserialize(out).call(_images(1), SIZES[:1]))
+  assert dets["valid"].shape == (1, 10) and not dets["valid"].any()
+  assert json.load(open(out + ".json"))["postprocess"]["score_thresh"] == 0.9999
+
+
+@pytest.mark.slow
+def test_stablehlo_runs_bit_exact_with_only_jax_installed(stablehlo_file, tmp_path):
+  venv = tmp_path / "jax_only"
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+  python = str(venv / "bin" / "python")
+  import jaxlib
+  subprocess.run([python, "-m", "pip", "install", "-q", f"jax=={jax.__version__}", f"jaxlib=={jaxlib.__version__}",
+                  "flatbuffers"], check=True, capture_output=True)
+  np.savez(tmp_path / "inputs.npz", images=_images(2), sizes=SIZES[:2])
+  script = (
+      "import importlib.util, sys, jax, numpy as np\n"
+      "assert all(importlib.util.find_spec(m) is None for m in ('ssdlite_jax', 'flax', 'torch', 'tensorflow'))\n"
+      "exported = jax.export.deserialize(bytearray(open(sys.argv[1], 'rb').read()))\n"
+      "x = np.load(sys.argv[2])\n"
+      "np.savez(sys.argv[3], **jax.device_get(exported.call(x['images'], x['sizes'])))\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+  subprocess.run([python, "-c", script, stablehlo_file, str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],
+                 check=True, cwd=str(tmp_path), env=env)
+  there = np.load(tmp_path / "out.npz")
+  here = jax.device_get(_deserialize(stablehlo_file).call(_images(2), SIZES[:2]))
+  for k in ("boxes", "scores", "labels", "valid"):
+    np.testing.assert_array_equal(there[k], here[k], err_msg=k)
+
+
+def test_bad_input_is_named_and_leaves_no_file(weights, tmp_path, capsys):
+  out = tmp_path / "x.jaxexport"
+  with pytest.raises(SystemExit) as e:
+    export_cli.main(["--torch-weights", weights, "--format", "tflite9", "--out", str(out)])
+  assert e.value.code == 2 and "--format: invalid choice: 'tflite9'" in capsys.readouterr().err
+  with pytest.raises(SystemExit, match="--image-size=8: must be >= 32"):
+    export_cli.main(["--torch-weights", weights, "--format", "stablehlo", "--out", str(out), "--image-size", "8"])
+  with pytest.raises(SystemExit, match="missing.pth: no such checkpoint directory or weights file"):
+    export_cli.main(["--torch-weights", str(tmp_path / "missing.pth"), "--format", "stablehlo", "--out", str(out)])
+  other = {"backbone.features.0.weight": np.zeros((64, 3, 3, 3), np.float32)}
+  porting.save_state_dict(other, str(tmp_path / "vgg.safetensors"))
+  with pytest.raises(SystemExit, match="vgg.safetensors: the state_dict fits no known SSD variant"):
+    export_cli.main(["--torch-weights", str(tmp_path / "vgg.safetensors"), "--format", "stablehlo", "--out", str(out)])
+  assert sorted(os.listdir(tmp_path)) == ["vgg.safetensors"]
+
+
+def _run_tflite(path, image):
+  """The four outputs of a .tflite on the LiteRT interpreter for one image [S, S, 3], in the file's order."""
+  interpreter_lib = import_or_skip("ai_edge_litert.interpreter")
+  interpreter = interpreter_lib.Interpreter(model_path=path, num_threads=2)
+  interpreter.allocate_tensors()
+  interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image[None])
+  interpreter.invoke()
+  outputs = [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+  return outputs, {op["op_name"] for op in interpreter._get_ops_details()}
+
+
+def test_tflite_equals_the_predictor_detect_fn(weights, tmp_path):
+  out = str(tmp_path / "ssdlite320.tflite")
+  export_cli.main(["--torch-weights", weights, "--format", "tflite", "--out", out])
+  detector, variables, _ = load_detector(weights)
+  size = np.array([240, 300], np.int32)
+  image = _images(1)[0]
+  (boxes, classes, scores, num), ops = _run_tflite(out, image)
+  assert [a.shape for a in (boxes, classes, scores, num)] == [(1, 300, 4), (1, 300), (1, 300), (1,)]
+  assert "NON_MAX_SUPPRESSION_V5" in ops and "TOPK_V2" in ops
+  assert not {op for op in ops if op.startswith(("CUSTOM", "Flex", "FLEX"))}, ops
+  reference = jax.device_get(detect.make_detect_fn(detector)(variables, image[None], size[None]))
+  n = int(reference["valid"][0].sum())
+  assert n == int(num[0]) == 300
+  np.testing.assert_array_equal(classes[0][:n].astype(np.int64) + 1, reference["labels"][0][:n])
+  np.testing.assert_allclose(scores[0][:n], reference["scores"][0][:n], atol=1e-5)
+  # ymin, xmin, ymax, xmax as fractions -> xyxy pixels of the original (h, w) = (240, 300) image.
+  xyxy = boxes[0][:n][:, [1, 0, 3, 2]] * [size[1], size[0], size[1], size[0]]
+  np.testing.assert_allclose(xyxy, reference["boxes"][0][:n], atol=1e-3 * size.max())
+  meta = json.load(open(out + ".json"))
+  assert meta["format"] == "tflite" and list(meta["outputs"]) == ["boxes", "classes", "scores", "num"]
+
+
+def test_tflite_from_a_checkpoint_with_nothing_above_the_threshold(tmp_path):
+  """A narrow 128 px model from an orbax checkpoint; at init every score is about 1/K, so a 0.5 threshold leaves
+  no detection: num 0 and zeroed slots, not an error."""
+  config = default_model_config()
+  config.update(image_size=128, num_classes=4)
+  config.backbone_kwargs.width_mult = 0.25
+  detector = build_model(config)
+  checkpoint.save_variables(str(tmp_path / "ckpt"), 3, detector.init(jax.random.key(0)), config)
+  out = str(tmp_path / "narrow.tflite")
+  export_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--format", "tflite", "--out", out,
+                   "--score-thresh", "0.5", "--max-detections", "20"])
+  (boxes, classes, scores, num), _ = _run_tflite(out, _images(1, 128)[0])
+  assert boxes.shape == (1, 20, 4) and num[0] == 0 and not scores.any() and not boxes.any()
+  meta = json.load(open(out + ".json"))
+  assert meta["source"].endswith("ckpt (step 3)") and meta["postprocess"]["score_thresh"] == 0.5
