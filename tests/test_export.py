@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -161,3 +162,33 @@ def test_tflite_from_a_checkpoint_with_nothing_above_the_threshold(tmp_path):
   assert boxes.shape == (1, 20, 4) and num[0] == 0 and not scores.any() and not boxes.any()
   meta = json.load(open(out + ".json"))
   assert meta["source"].endswith("ckpt (step 3)") and meta["postprocess"]["score_thresh"] == 0.5
+
+
+def test_litert_nms_suppresses_at_exactly_the_threshold_where_torchvision_keeps():
+  """The one semantic difference of the tflite format (documented in export/tflite.py): LiteRT's
+  NON_MAX_SUPPRESSION_V5 suppresses a box whose IoU equals the threshold; torchvision (and postprocess.py)
+  suppress only above it. Box 1 lies inside box 0 with IoU 2 / 4 = 0.5 exactly."""
+  tf = import_or_skip("tensorflow")
+  interpreter_lib = import_or_skip("ai_edge_litert.interpreter")
+  from ssdlite_jax import postprocess
+
+  @tf.function(input_signature=[tf.TensorSpec([3, 4], tf.float32), tf.TensorSpec([3], tf.float32)],
+               autograph=False)
+  def nms(boxes, scores):
+    selected, _, count = tf.raw_ops.NonMaxSuppressionV5(
+        boxes=boxes, scores=scores, max_output_size=3, iou_threshold=0.5, score_threshold=0.0, soft_nms_sigma=0.0,
+        pad_to_max_output_size=True)
+    return selected, count
+
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([nms.get_concrete_function()], nms)
+  interpreter = interpreter_lib.Interpreter(model_content=converter.convert())
+  interpreter.allocate_tensors()
+  boxes = np.array([[0, 0, 4, 1], [0, 0, 2, 1], [10, 10, 12, 12]], np.float32)
+  scores = np.array([0.9, 0.8, 0.7], np.float32)
+  for d in interpreter.get_input_details():
+    interpreter.set_tensor(d["index"], boxes if len(d["shape"]) == 2 else scores)
+  interpreter.invoke()
+  selected, count = (interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details())
+  assert int(count) == 2 and list(selected[:2]) == [0, 2]
+  keep = postprocess.per_class_nms(jnp.asarray(boxes)[None], jnp.ones((1, 3), bool), 0.5)
+  assert np.asarray(keep).tolist() == [[True, True, True]]

@@ -10,8 +10,8 @@ The network, box decoding, clipping and softmax are the JAX model (jax2tf); the 
 what postprocess.py does: per class, the top `topk_candidates` scores above `score_thresh`; per class greedy
 NMS (NON_MAX_SUPPRESSION_V5, one per class, so classes never interact, as torchvision); the best D overall.
 TFLite's NMS suppresses at IoU >= nms_thresh where torchvision's suppresses at IoU > nms_thresh: the two
-differ only for boxes whose IoU is exactly the threshold. Needs TensorFlow to convert, only ai-edge-litert
-(or TFLite) to run.
+differ only for boxes whose IoU is exactly the threshold (tests/test_export.py). Needs TensorFlow to convert,
+only ai-edge-litert (or TFLite) to run.
 """
 
 from typing import Any, Dict, Tuple
