@@ -19,7 +19,7 @@ from typing import Any, Dict, Tuple
 import jax
 import numpy as np
 
-from ssdlite_jax import box_coder, boxes as box_ops
+from ssdlite_jax import postprocess
 from ssdlite_jax.models import Detector
 
 OUTPUTS = ("boxes", "classes", "scores", "num")
@@ -29,15 +29,15 @@ KERNELS = "xla"
 
 
 def _network_and_decode(detector: Detector, variables):
-  """images [1, S, S, 3] -> (boxes [A, 4] xyxy model px, clipped; foreground scores [A, K - 1] softmax)."""
+  """images [1, S, S, 3] -> postprocess.decode_and_score of the image: (boxes [A, 4] xyxy model px, clipped;
+  foreground scores [A, K - 1])."""
   anchors = np.asarray(detector.anchors, np.float32)
-  h, w = detector.image_size
   weights = tuple(detector.config.box_coder_weights)
 
   def fn(images):
     out = detector.module.apply(variables, images, train=False)
-    boxes = box_ops.clip_boxes(box_coder.decode(out["bbox_regression"][0], anchors, weights), h, w)
-    return boxes, jax.nn.softmax(out["cls_logits"][0], axis=-1)[:, 1:]
+    return postprocess.decode_and_score(out["cls_logits"][0], out["bbox_regression"][0], anchors,
+                                        detector.image_size, weights)
   return fn
 
 
