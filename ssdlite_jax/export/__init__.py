@@ -1,6 +1,7 @@
 """Deployment export of a detector with its weights baked in: one module per format.
 
   stablehlo   `jax.export` of detect.detect (network + post-processing), batch-polymorphic (.jaxexport)
+  tflite      LiteRT float32, batch 1, MediaPipe's 4-output SSD layout, TFLite builtin ops only (.tflite)
 
 Every file comes with `<file>.json`: the metadata (model variant, classes, input and output layout,
 post-processing settings, where the weights came from) that a runtime needs to use it.

@@ -22,7 +22,6 @@ import numpy as np
 from ssdlite_jax import postprocess
 from ssdlite_jax.models import Detector
 
-OUTPUTS = ("boxes", "classes", "scores", "num")
 # XLA's grouped and 1x1 convolutions become TFLite's DEPTHWISE_CONV_2D and CONV_2D (the CPU kernels' shift-and-add
 # runs 12x slower in LiteRT, and their matmul form of the SE block's 1x1 convs does not convert).
 KERNELS = "xla"

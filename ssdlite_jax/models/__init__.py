@@ -59,7 +59,8 @@ TORCHVISION_VARIANTS = {"ssdlite320_mobilenet_v3_large": default_model_config}
 @dataclasses.dataclass(frozen=True)
 class Detector:
   """A built model: the Flax module, its anchors [A, 4] xyxy px (numpy float32; float64 for a float64 model),
-  its config, the kernels it runs ('cpu' | 'xla', config.kernels resolved) and the BN axis name (sync BN)."""
+  its config, the kernels it runs ('cpu' | 'xla' | 'per_platform': config.kernels resolved) and the BN axis
+  name (sync BN)."""
   module: SSD
   anchors: np.ndarray
   config: ml_collections.ConfigDict

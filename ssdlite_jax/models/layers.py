@@ -93,6 +93,20 @@ def depthwise_conv_xla(x, kernel, stride: int, padding):
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
 
 
+def pointwise_conv_xla(x, kernel):
+  """1x1 conv of NHWC x as XLA's convolution, kernel [1, 1, Cin, F] -> [B, H, W, F] in x.dtype."""
+  return lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _by_kernels(kernels: str, cpu, xla, *args):
+  """cpu(*args) for kernels 'cpu', xla(*args) for 'xla'; 'per_platform' leaves the choice to lowering
+  (lax.platform_dependent: cpu on CPU, xla elsewhere)."""
+  if kernels == "per_platform":
+    return lax.platform_dependent(*args, cpu=cpu, default=xla)
+  return (cpu if kernels == "cpu" else xla)(*args)
+
+
 class DepthwiseConv(nn.Module):
   """k x k depthwise conv, no bias; kernel [k, k, 1, C] as Flax's grouped nn.Conv stores it."""
   kernel_size: int
@@ -104,18 +118,16 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, c), wide_dtype(self.dtype))
-    args = (x.astype(self.dtype), kernel.astype(self.dtype))
-    cpu = lambda x, k: depthwise_conv(x, k, self.stride, _pad(self.kernel_size))
-    xla = lambda x, k: depthwise_conv_xla(x, k, self.stride, _pad(self.kernel_size))
-    if self.kernels == "per_platform":
-      return lax.platform_dependent(*args, cpu=cpu, default=xla)
-    return (cpu if self.kernels == "cpu" else xla)(*args)
+    stride, padding = self.stride, _pad(self.kernel_size)
+    return _by_kernels(self.kernels, lambda x, k: depthwise_conv(x, k, stride, padding),
+                       lambda x, k: depthwise_conv_xla(x, k, stride, padding),
+                       x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class PointwiseConv(nn.Module):
-  """1x1 conv as a matmul over the channel axis: [..., Cin] -> [..., features]; kernel [1, 1, Cin, features]
-  (and bias) exactly as nn.Conv stores and initialises them. kernels='per_platform': the matmul on CPU, XLA's
-  1x1 convolution elsewhere."""
+  """1x1 conv as a matmul over the channel axis: NHWC [..., Cin] -> [..., features]; kernel [1, 1, Cin,
+  features] (and bias) exactly as nn.Conv stores and initialises them. kernels='per_platform': the matmul on
+  CPU, XLA's 1x1 convolution elsewhere."""
   features: int
   use_bias: bool = False
   dtype: Any = jnp.float32
@@ -124,14 +136,7 @@ class PointwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), wide_dtype(self.dtype))
-    x = x.astype(self.dtype)
-    if self.kernels == "per_platform":
-      xla = lambda x, k: lax.conv_general_dilated(x.reshape((-1, 1, 1, x.shape[-1])), k.astype(x.dtype), (1, 1),
-                                                  "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-                                                  ).reshape(x.shape[:-1] + (k.shape[-1],))
-      y = lax.platform_dependent(x, kernel, cpu=pointwise_conv, default=xla)
-    else:
-      y = pointwise_conv(x, kernel)
+    y = _by_kernels(self.kernels, pointwise_conv, pointwise_conv_xla, x.astype(self.dtype), kernel)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), wide_dtype(self.dtype)).astype(self.dtype)
     return y
@@ -183,7 +188,8 @@ class LayerFactories(NamedTuple):
 
 
 def layer_factories(kernels: str, dtype: Any, bn_axis_name: Optional[str] = None) -> LayerFactories:
-  """LayerFactories for resolved `kernels` ('cpu' | 'xla'), compute `dtype` and BN across `bn_axis_name`."""
+  """LayerFactories for resolved `kernels` ('cpu' | 'xla' | 'per_platform'), compute `dtype` and BN across
+  `bn_axis_name`."""
   dense = functools.partial(conv, kernels=kernels, dtype=dtype)
   conv_bn = functools.partial(
       ConvBNAct, conv=dense, depthwise_conv=functools.partial(DepthwiseConv, kernels=kernels, dtype=dtype),
