@@ -61,7 +61,6 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
 
   source = pipeline.open_source(config.data)
   info = source.info
-
   detector, variables, step = load_model(config, workdir=workdir, checkpoint_dir=checkpoint_dir,
                                          torch_weights=torch_weights, step=step)
   if info.num_classes != detector.config.num_classes:
@@ -73,8 +72,8 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
     out_dir = os.path.join(workdir, "eval") if workdir else "eval_out"
   batches, num_batches = pipeline.create_eval_dataset(
       source, global_batch_size=config.eval_batch_size, image_size=detector.image_size)
-  source = torch_weights or f"checkpoint step {step}"
-  print(f"evaluating {source} on {config.data.name} ({num_batches} batches of {config.eval_batch_size})",
+  weights = torch_weights or f"checkpoint step {step}"
+  print(f"evaluating {weights} on {config.data.name} ({num_batches} batches of {config.eval_batch_size})",
         flush=True)
   metrics = evaluation.evaluate(make_detect_fn(detector), variables, batches,
                                 info.label_to_category_id, info.gt_json, out_dir=out_dir)
