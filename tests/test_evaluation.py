@@ -12,10 +12,9 @@ import pytest
 from configs import synthetic as synthetic_config
 from ssdlite_jax import evaluation, porting
 from ssdlite_jax.loading import load_detector
-from tests.helpers import import_or_skip
+from tests.helpers import REPO, import_or_skip
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5                                                 # background + category ids 1..4
 SIZES = [(240, 320), (300, 200), (320, 320), (200, 360), (280, 250), (256, 300), (330, 290)]  # (h, w)
 BATCH = 4                                                       # 7 images -> 2 batches, the last padded

@@ -19,10 +19,9 @@ from ssdlite_jax import optim, porting
 from ssdlite_jax.models import build_model, default_model_config
 from ssdlite_jax.distributed import AXIS, make_mesh, shard_batch
 from ssdlite_jax.train_step import create_train_state, make_train_step
-from tests.helpers import import_or_skip, xla_flags
+from tests.helpers import REPO, import_or_skip, xla_flags
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy, to_nchw
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
 # Up to 3 GT boxes per image (xyxy px of a 320 input) with COCO labels; [0, 0, 0, 0] rows are padding.
 BOXES = np.array([[[12, 20, 140, 200], [150, 60, 310, 250], [40, 230, 120, 315]],
