@@ -12,7 +12,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from ssdlite_jax.data import pipeline
+from ssdlite_jax.data import config as data_config, pipeline
 
 
 def main():
@@ -23,7 +23,7 @@ def main():
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--augmentation", default="ssdlite")
   args = parser.parse_args()
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.update(data_dir=args.data_dir, augmentation=args.augmentation)
   start = time.perf_counter()
   source = pipeline.open_source(cfg)  # generates and prepares the dataset on first use

@@ -6,7 +6,7 @@
 
 import ml_collections
 
-from ssdlite_jax.data.pipeline import default_data_config
+from ssdlite_jax.data.config import default_data_config
 from ssdlite_jax.models import default_model_config
 from ssdlite_jax.optim import default_optim_config
 

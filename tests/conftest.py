@@ -20,12 +20,12 @@ def train_cli(tmp_path_factory):
   """What train.py subprocesses share (test_train.py, test_multihost.py): the environment (a persistent
   compilation cache, this process's XLA flags, no inherited multi-process settings), the tiny synthetic dataset
   (generated here once: concurrent processes would race to write it) and a scratch directory."""
-  from ssdlite_jax.data import pipeline
+  from ssdlite_jax.data import config as data_config, pipeline
   from tests.helpers import xla_flags
 
   tmp = tmp_path_factory.mktemp("train_cli")
   data_dir = str(tmp / "tfds")
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.update(data_dir=data_dir, synthetic_num_train=24, synthetic_num_val=6)
   pipeline.open_source(cfg)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),

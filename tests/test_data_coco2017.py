@@ -10,7 +10,9 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import download_manager
 
-from ssdlite_jax.data import coco_labels, pipeline
+from ssdlite_jax.data import coco_labels, config as data_config, pipeline
+
+pytestmark = pytest.mark.tf  # imports TensorFlow
 
 CATEGORIES = [{"id": i, "name": n, "supercategory": s} for i, n, s in coco_labels.COCO_CATEGORIES]
 
@@ -63,7 +65,7 @@ def manual_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg(manual_dir, tmp_path_factory):
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.update(name="coco/2017", data_dir=str(tmp_path_factory.mktemp("tfds")), manual_dir=manual_dir,
              augmentation="none", num_parallel_calls=1)
   # The fake zips cannot match TFDS's registered checksums of the real ones; everything else is the real path.

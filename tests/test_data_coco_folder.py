@@ -7,7 +7,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from ssdlite_jax.data import coco_folder, pipeline
+from ssdlite_jax.data import coco_folder, config as data_config, pipeline
+
+pytestmark = pytest.mark.tf  # imports TensorFlow
 
 H, W = 80, 100
 CATEGORIES = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}, {"id": 12, "name": "c"}]
@@ -62,7 +64,7 @@ def folder(tmp_path_factory):
 
 
 def _cfg(folder, tmp, **kw):
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.update(name="coco_folder", data_dir=str(tmp), root=folder, train_ann="annotations/instances_train.json",
              val_ann="annotations/instances_val.json", augmentation="none", num_parallel_calls=1, **kw)
   return cfg

@@ -7,14 +7,16 @@ import logging
 import numpy as np
 import pytest
 
-from ssdlite_jax.data import pipeline
+from ssdlite_jax.data import config as data_config, pipeline
+
+pytestmark = pytest.mark.tf  # imports TensorFlow
 
 NUM_TRAIN, NUM_VAL = 12, 5
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-  cfg = pipeline.default_data_config()
+  cfg = data_config.default_data_config()
   cfg.update(data_dir=str(tmp_path_factory.mktemp("tfds")), synthetic_num_train=NUM_TRAIN,
              synthetic_num_val=NUM_VAL, shuffle_buffer=64)
   return cfg

@@ -124,7 +124,7 @@ def _coco2017_source(cfg) -> Source:
 
 
 def open_source(cfg) -> Source:
-  """Prepares (if needed) and opens the dataset `cfg.name` of a data config (see pipeline.default_data_config)."""
+  """Prepares (if needed) and opens the dataset `cfg.name` of a data config (see data.config.default_data_config)."""
   if cfg.name == "coco/2017":
     return _coco2017_source(cfg)
   if cfg.name == "synthetic":
