@@ -111,7 +111,7 @@ def make_train_step(detector: Detector, tx: optax.GradientTransformation,
         "classification": lax.pmean(losses["classification"], AXIS),
         "num_positives": lax.psum(losses["num_positives"], AXIS),
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     metrics["finite"] = finite
