@@ -1,5 +1,5 @@
-"""Shared test setup: torch before TensorFlow, float32 at full precision, the train.py environment fixture.
-Helpers live in tests/helpers.py."""
+"""Shared test setup: torch before TensorFlow, float32 at full precision, the modules left out under
+-m "not tf", the train.py environment fixture. Helpers live in tests/helpers.py."""
 
 import os
 
@@ -13,6 +13,16 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Modules marked tf as a whole that import TensorFlow at the top: a run that deselects tf tests (the current-JAX
+# CI line, which has no TensorFlow) does not import them either.
+TF_MODULES = {"test_data_augment.py", "test_data_coco2017.py", "test_data_coco_folder.py", "test_data_pipeline.py"}
+
+
+def pytest_ignore_collect(collection_path, config):
+  if collection_path.name in TF_MODULES and "not tf" in (config.option.markexpr or ""):
+    return True
+  return None
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ from scipy import stats
 
 from ssdlite_jax.data import augment
 
+pytestmark = pytest.mark.tf  # imports TensorFlow
+
 H, W = 480, 640
 BOXES = np.asarray([[50, 60, 250, 300], [300, 100, 620, 460], [10, 400, 90, 470], [400, 20, 460, 80]], np.float32)
 LABELS = np.asarray([1, 2, 3, 1], np.int32)

@@ -39,6 +39,7 @@ def _rel_err(got, want):
 
 @pytest.mark.parametrize("size,channels,kernel,stride", SHAPES,
                          ids=[f"{s}x{s}x{c}_k{k}s{st}" for s, c, k, st in SHAPES])
+@pytest.mark.torch
 def test_depthwise_matches_torch_float64(size, channels, kernel, stride):
   torch = import_or_skip("torch")
   rng = np.random.default_rng(size * 1000 + channels)

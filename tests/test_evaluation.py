@@ -97,6 +97,8 @@ def parity_setup(tmp_path_factory):
   return {"config": config, "weights": weights, "reference": reference, "root": root, "gt_json": gt_json}
 
 
+@pytest.mark.tf
+@pytest.mark.torch
 def test_parity_with_torchvision_via_eval_run(parity_setup, tmp_path):
   """eval.py's code path (--torch-weights, coco_folder data) reproduces torchvision + pycocotools; the class
   count is the weights' (5), whatever config.model says."""
@@ -118,6 +120,8 @@ def test_parity_with_torchvision_via_eval_run(parity_setup, tmp_path):
   assert set(dets[0]) == {"image_id", "category_id", "bbox", "score"}
 
 
+@pytest.mark.tf
+@pytest.mark.torch
 def test_eval_run_rejects_bad_arguments(parity_setup, tmp_path):
   from ssdlite_jax.cli import eval as eval_main
   config = parity_setup["config"]
@@ -133,6 +137,8 @@ def test_eval_run_rejects_bad_arguments(parity_setup, tmp_path):
     eval_main.run(config, torch_weights=coco)
 
 
+@pytest.mark.tf
+@pytest.mark.torch
 def test_eval_run_from_workdir_checkpoint(parity_setup, tmp_path):
   """--workdir: the model and its config come from WORKDIR/checkpoints (the latest step by default)."""
   from ssdlite_jax.cli import eval as eval_main
@@ -155,6 +161,8 @@ def _eval_cli(*args, cwd=REPO):
                         text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.tf
+@pytest.mark.torch
 @pytest.mark.slow
 def test_eval_cli_torch_weights(parity_setup, tmp_path):
   """python eval.py --torch-weights ... end to end; the default output folder is ./eval_out."""
@@ -172,6 +180,7 @@ def test_eval_cli_torch_weights(parity_setup, tmp_path):
     assert abs(metrics[name] - parity_setup["reference"][name]) <= 1e-3, name
 
 
+@pytest.mark.tf
 @pytest.mark.slow
 def test_eval_cli_errors_cleanly(tmp_path):
   """The CLI parses its flags and reports a missing checkpoint as a one-line error (no traceback)."""

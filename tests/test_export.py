@@ -46,6 +46,7 @@ def _images(n, size=320):
   return smooth_images(n, size, size, seed=11)
 
 
+@pytest.mark.torch
 def test_stablehlo_equals_the_predictor_detect_fn(weights, stablehlo_file):
   detector, variables, _ = load_detector(weights)
   reference = jax.device_get(detect.make_detect_fn(detector)(variables, _images(3), SIZES))
@@ -64,6 +65,7 @@ def test_stablehlo_equals_the_predictor_detect_fn(weights, stablehlo_file):
   assert meta["model"]["image_size"] == [320, 320] and set(meta["platforms"]) == {"cpu", "cuda"}
 
 
+@pytest.mark.torch
 def test_stablehlo_batch_of_one_and_no_detection_above_the_threshold(weights, tmp_path):
   out = str(tmp_path / "strict.jaxexport")
   export_cli.main(["--torch-weights", weights, "--format", "stablehlo", "--out", out, "--score-thresh", "0.9999",
@@ -74,6 +76,7 @@ def test_stablehlo_batch_of_one_and_no_detection_above_the_threshold(weights, tm
   assert json.load(open(out + ".json"))["postprocess"]["score_thresh"] == 0.9999
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 def test_stablehlo_runs_bit_exact_with_only_jax_installed(stablehlo_file, tmp_path):
   venv = tmp_path / "jax_only"
@@ -98,6 +101,7 @@ def test_stablehlo_runs_bit_exact_with_only_jax_installed(stablehlo_file, tmp_pa
     np.testing.assert_array_equal(there[k], here[k], err_msg=k)
 
 
+@pytest.mark.torch
 def test_bad_input_is_named_and_leaves_no_file(weights, tmp_path, capsys):
   out = tmp_path / "x.jaxexport"
   with pytest.raises(SystemExit) as e:
@@ -125,6 +129,8 @@ def _run_tflite(path, image):
   return outputs, {op["op_name"] for op in interpreter._get_ops_details()}
 
 
+@pytest.mark.tf
+@pytest.mark.torch
 def test_tflite_equals_the_predictor_detect_fn(weights, tmp_path):
   out = str(tmp_path / "ssdlite320.tflite")
   export_cli.main(["--torch-weights", weights, "--format", "tflite", "--out", out])
@@ -147,6 +153,7 @@ def test_tflite_equals_the_predictor_detect_fn(weights, tmp_path):
   assert meta["format"] == "tflite" and list(meta["outputs"]) == ["boxes", "classes", "scores", "num"]
 
 
+@pytest.mark.tf
 def test_tflite_from_a_checkpoint_with_nothing_above_the_threshold(tmp_path):
   """A narrow 128 px model from an orbax checkpoint; at init every score is about 1/K, so a 0.5 threshold leaves
   no detection: num 0 and zeroed slots, not an error."""
@@ -164,6 +171,7 @@ def test_tflite_from_a_checkpoint_with_nothing_above_the_threshold(tmp_path):
   assert meta["source"].endswith("ckpt (step 3)") and meta["postprocess"]["score_thresh"] == 0.5
 
 
+@pytest.mark.tf
 def test_litert_nms_suppresses_at_exactly_the_threshold_where_torchvision_keeps():
   """The one semantic difference of the tflite format (documented in export/tflite.py): LiteRT's
   NON_MAX_SUPPRESSION_V5 suppresses a box whose IoU equals the threshold; torchvision (and postprocess.py)

@@ -1,4 +1,5 @@
-"""Matching and multibox loss parity with torchvision's SSDMatcher and SSD.compute_loss."""
+"""Matching and multibox loss: parity with torchvision's SSDMatcher and SSD.compute_loss (marked torch), and
+hand-worked cases."""
 
 import types
 import zlib
@@ -174,6 +175,7 @@ def _check_against_torch(jax_loss, names):
   return out
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", CASES)
 def test_match_anchors_matches_torchvision(jax_match, name):
   boxes, _, mask = _case(name)
@@ -181,12 +183,14 @@ def test_match_anchors_matches_torchvision(jax_match, name):
                                 _torch_matches(boxes, mask))
 
 
+@pytest.mark.torch
 def test_match_anchors_ulp_ties_bitwise(jax_match):
   boxes, _, mask = _pad(ANCHORS[:1200:4], np.full(300, 17))   # exact anchor copies: IoUs 1 ulp apart
   np.testing.assert_array_equal(np.asarray(jax_match(boxes, mask, ANCHORS)),
                                 _torch_matches(boxes, mask))
 
 
+@pytest.mark.torch
 def test_cases_exercise_the_edges():
   """Each edge case really shows the behaviour it is named after (in torchvision's own matcher)."""
   m = _torch_matches(*_case("shared_best_anchor")[::2])
@@ -202,6 +206,7 @@ def test_cases_exercise_the_edges():
   assert 3 * some > NUM_ANCHORS - some and 3 * some < NUM_ANCHORS
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", CASES)
 def test_multibox_loss_matches_torchvision(jax_loss, name):
   out = _check_against_torch(jax_loss, [name, "random"])
@@ -209,6 +214,7 @@ def test_multibox_loss_matches_torchvision(jax_loss, name):
       (_torch_matches(*_case(n)[::2]) >= 0).sum() for n in [name, "random"])
 
 
+@pytest.mark.torch
 def test_multibox_loss_whole_batch(jax_loss):
   """All cases in one batch: N is summed over the batch before normalising."""
   _check_against_torch(jax_loss, CASES)
@@ -228,3 +234,40 @@ def test_bfloat16_logits_computed_in_float32(jax_loss):
   (_, full), _ = jax_loss(logits.astype(jnp.float32), regression, boxes, labels, mask)
   assert low["classification"].dtype == jnp.float32
   assert float(low["classification"]) == pytest.approx(float(full["classification"]), rel=1e-6)
+
+
+# Hand-worked cases (no torch): five anchors, xyxy px.
+HAND_ANCHORS = np.array([[0, 0, 10, 10], [0, 0, 20, 20], [30, 30, 40, 40], [100, 100, 110, 110],
+                         [0, 0, 20, 10]], np.float32)
+
+
+def test_match_anchors_hand_computed():
+  """GT 0 = anchor 0 (IoU 1; anchor 1: 100 / 400 = 0.25, unmatched; anchor 4: 100 / 200 = 0.5, matched at
+  exactly the threshold); GT 1 is anchor 2 shifted by 1 px (90 / 110 = 0.82); GT 2 covers 16 / 100 = 0.16 of
+  anchor 3, below 0.5, but is forced onto its best anchor; slot 3 is padding on top of anchor 0."""
+  gt = np.array([[0, 0, 10, 10], [31, 30, 41, 40], [100, 100, 104, 104], [0, 0, 10, 10]], np.float32)
+  mask = np.array([True, True, True, False])
+  assert match_anchors(gt, mask, HAND_ANCHORS).tolist() == [0, -1, 1, 2, 0]
+  assert match_anchors(gt, np.zeros(4, bool), HAND_ANCHORS).tolist() == [-1] * 5
+
+
+def test_multibox_loss_hand_computed():
+  """One GT [0, 0, 10, 12] of class 1 on five anchors: anchor 0 (IoU 100 / 120) is the one positive (anchor 4:
+  100 / 220, anchor 1: 120 / 400). Box target of anchor 0, weights (10, 10, 5, 5): (0, 10 * 1 / 10, 0,
+  5 log 1.2). CE of the positive plus the 3 hardest of the 4 negatives, each summed and divided by N = 1."""
+  boxes = np.array([[[0, 0, 10, 12], [0, 0, 0, 0]]], np.float32)
+  labels, mask = np.array([[1, 0]], np.int32), np.array([[True, False]])
+  fg_logit = np.array([1.0, 2.0, 1.5, -1.0, 3.0], np.float32)      # class-1 logit per anchor; background 0
+  logits = np.stack([np.zeros(5, np.float32), fg_logit], axis=-1)[None]
+  target = np.array([0, 1, 0, 5 * np.log(1.2)])
+  offsets = np.array([0.5, -2.0, 0.1, 0.0])                          # |x| < 1 twice, |x| > 1 once, 0
+  regression = np.full((1, 5, 4), 7.0, np.float32)                    # ignored on the negatives
+  regression[0, 0] = target + offsets
+  out = multibox_loss(logits, regression, HAND_ANCHORS, boxes, labels, mask)
+  log_sum_exp = np.log(1 + np.exp(fg_logit.astype(np.float64)))
+  ce_positive = log_sum_exp[0] - fg_logit[0]
+  ce_negatives = np.sort(log_sum_exp[1:])[::-1][:3]                  # anchors 4, 1, 2
+  assert float(out["num_positives"]) == 1.0
+  np.testing.assert_allclose(out["classification"], ce_positive + ce_negatives.sum(), rtol=1e-6)
+  np.testing.assert_allclose(out["bbox_regression"], 0.5 * 0.5 ** 2 + (2.0 - 0.5) + 0.5 * 0.1 ** 2 + 0,
+                             rtol=1e-6)

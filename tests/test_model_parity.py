@@ -10,6 +10,8 @@ from ssdlite_jax.models import build_model, default_model_config
 from tests.helpers import import_or_skip
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy, to_nchw
 
+pytestmark = pytest.mark.torch
+
 
 @pytest.fixture(scope="module")
 def torch_model():

@@ -41,7 +41,7 @@ LOSS_RTOL = 1e-5         # a loss from the same state
 ONE_STEP_DRIFT = 1e-4    # parameters after one step from the same state, relative to the step's movement
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.tf]
 
 
 def command(train_cli, workdir):

@@ -78,6 +78,7 @@ def _jax_lrs(config, steps_per_epoch, num_steps):
     (dict(num_epochs=5, cosine_per_step=True), 7, 5),
     (dict(), 610, 660),                                  # the real recipe: 8 x 24 images, W = 609
 ])
+@pytest.mark.torch
 def test_lr_sequence_matches_torch(overrides, steps_per_epoch, num_run_epochs):
   config = _config(**overrides)
   expected, _ = _torch_run(config, steps_per_epoch, num_run_epochs)
@@ -96,6 +97,7 @@ def test_recipe_closed_form():
                              rtol=1e-6)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_optimizer_steps_match_torch(name):
   steps_per_epoch, num_epochs = 4, 3

@@ -18,7 +18,7 @@ from tests.helpers import train_command
 STEPS = 6
 
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.tf]
 
 
 def command(train_cli, workdir, *overrides):

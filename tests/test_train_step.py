@@ -177,6 +177,7 @@ def _assert_counts(ours, want, start):
       assert ours[k].shape == want[k].shape == () and ours[k] == want[k] == start[k] + 1, k
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("kernels", ["cpu", "xla"])
 def test_sgd_step_float64_matches_torchvision(torch_steps, kernels):
   start, torch_results = torch_steps
@@ -190,6 +191,7 @@ def test_sgd_step_float64_matches_torchvision(torch_steps, kernels):
                       FLOAT64_NOISE_RTOL)
 
 
+@pytest.mark.torch
 def test_sgd_step_float32_within_torchvision_float32_noise(full_model, torch_steps):
   *_, metrics, ours = full_model
   start, torch_results = torch_steps
@@ -209,6 +211,7 @@ def test_sgd_step_float32_within_torchvision_float32_noise(full_model, torch_ste
   assert 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) <= FLOAT32_MAX_COSINE_GAP
 
 
+@pytest.mark.torch
 def test_non_finite_batch_skips_the_update(full_model):
   det, tx, mesh, step, variables, *_ = full_model
   images = smooth_images(2, 320, 320, seed=4)
