@@ -23,22 +23,24 @@ from bench import common
 def worker_torch(args):
   import torch
   import torchvision
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
-      weights=None, weights_backbone=None, num_classes=args.num_classes).eval()
+      weights=None, weights_backbone=None, num_classes=args.num_classes).eval().to(device)
   images = common.synthetic_uint8_images(max(args.throughput_batch, 1), 480, 640, seed=args.seed)
 
   def run(batch):
     with torch.inference_mode():
-      x = [torch.from_numpy(im).permute(2, 0, 1).float().div_(255.0) for im in batch]
+      x = [torch.from_numpy(im).to(device).permute(2, 0, 1).float().div_(255.0) for im in batch]
       out = model(x)
-    return [{k: v.numpy() for k, v in o.items()} for o in out]
+    return [{k: v.cpu().numpy() for k, v in o.items()} for o in out]   # .cpu() synchronises
 
   lat = common.time_calls(lambda: run(images[:1]), args.runs, 3)
   thr = common.time_calls(lambda: run(images[:args.throughput_batch]), args.throughput_runs, 1)
   nd = len(run(images[:1])[0]["scores"])
-  return {"framework": "torchvision", "threads": torch.get_num_threads(), "latency_s": common.median(lat),
+  return {"framework": "torchvision", "device": device.type, "threads": torch.get_num_threads(),
+          "latency_s": common.median(lat),
           "latency_min_s": min(lat), "throughput_batch": args.throughput_batch,
           "throughput_ips": args.throughput_batch / common.median(thr), "detections_bs1": nd,
           "peak_rss_mb": common.peak_rss_mb()}

@@ -1,11 +1,14 @@
 """Training throughput: our jitted train step vs torchvision's ssdlite320_mobilenet_v3_large (CPU or any backend).
 
-  python -m bench.train_step [--batch 24] [--steps 5] [--num_classes 91] [--kernels auto]
+  python -m bench.train_step [--batch 24] [--steps 5] [--num_classes 91] [--kernels auto] [--dtype float32]
+                             [--amp] [--channels_last]
 
 Each framework runs in its own subprocess (so the RSS high-water marks are separable) on the same synthetic
 batch (320x320 images, so torchvision's resize is the identity; 1-4 boxes per image), same thread count.
 Measured: forward + loss + backward + SGD(momentum 0.9, wd 4e-5) update; median over --steps steps after
---warmup steps; our compile time (lower + compile of the step). Prints a table and one JSON line.
+--warmup steps; our compile time (lower + compile of the step) and the device memory the compiled step
+needs; torchvision's peak CUDA memory on a GPU, optionally under bf16 autocast and channels_last (its GPU
+recipe). Prints a table and one JSON line.
 """
 
 import argparse
@@ -17,28 +20,38 @@ from bench import common
 
 
 def worker_torch(args):
+  import contextlib
   import torch
   import torchvision
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   images, boxes, labels, mask = common.synthetic_train_batch(args.batch, 320, args.num_classes, seed=args.seed)
   model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
-      weights=None, weights_backbone=None, num_classes=args.num_classes).train()
+      weights=None, weights_backbone=None, num_classes=args.num_classes).train().to(device)
+  if args.channels_last:
+    model = model.to(memory_format=torch.channels_last)
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
-  imgs = [torch.from_numpy(im.transpose(2, 0, 1).copy()) for im in images]
-  targets = [{"boxes": torch.from_numpy(boxes[b][mask[b]]), "labels": torch.from_numpy(labels[b][mask[b]]).long()}
-             for b in range(args.batch)]
+  imgs = [torch.from_numpy(im.transpose(2, 0, 1).copy()).to(device) for im in images]
+  targets = [{"boxes": torch.from_numpy(boxes[b][mask[b]]).to(device),
+              "labels": torch.from_numpy(labels[b][mask[b]]).long().to(device)} for b in range(args.batch)]
+  autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
 
   def step():
     opt.zero_grad(set_to_none=True)
-    loss = sum(model(imgs, targets).values())
+    with autocast():
+      loss = sum(model(imgs, targets).values())
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss)   # synchronises with the device
 
   times = common.time_calls(step, args.steps, args.warmup)
-  return {"framework": "torchvision", "threads": torch.get_num_threads(), "step_s": common.median(times),
-          "step_times_s": [round(t, 4) for t in times], "peak_rss_mb": common.peak_rss_mb()}
+  return {"framework": "torchvision", "device": device.type, "threads": torch.get_num_threads(),
+          "amp_bf16": bool(args.amp), "channels_last": bool(args.channels_last), "step_s": common.median(times),
+          "step_times_s": [round(t, 4) for t in times], "peak_rss_mb": common.peak_rss_mb(),
+          "peak_device_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None}
 
 
 def worker_jax(args):
@@ -63,6 +76,9 @@ def worker_jax(args):
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  memory = compiled.memory_analysis()   # the compiled step's device buffers (None where the backend has none)
+  cost = compiled.cost_analysis()       # XLA's count for the whole step: a dict (a list of one on older jax)
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   holder = [state]
 
   def run():
@@ -72,7 +88,18 @@ def worker_jax(args):
   times = common.time_calls(run, args.steps, args.warmup)
   return {"framework": "ours", "backend": jax.default_backend(), "kernels": detector.kernels,
           "dtype": args.dtype, "step_s": common.median(times), "step_times_s": [round(t, 4) for t in times],
-          "compile_s": compile_s, "peak_rss_mb": common.peak_rss_mb(), "loss": run()}
+          "compile_s": compile_s, "peak_rss_mb": common.peak_rss_mb(), "loss": run(),
+          "device_mb": _step_megabytes(memory), "flops_per_image": cost.get("flops", 0.0) / args.batch,
+          "bytes_per_image": cost.get("bytes accessed", 0.0) / args.batch}
+
+
+def _step_megabytes(memory):
+  """Device memory the compiled step needs: arguments + outputs + temporaries - donated (aliased) bytes, MiB."""
+  if memory is None:
+    return None
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+           - memory.alias_size_in_bytes)
+  return total / 2 ** 20
 
 
 def main():
@@ -84,10 +111,13 @@ def main():
   p.add_argument("--kernels", default="auto", help="model.kernels: auto | cpu | xla")
   p.add_argument("--dtype", default="float32")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--amp", action="store_true", help="torchvision under bfloat16 autocast")
+  p.add_argument("--channels_last", action="store_true", help="torchvision in channels_last memory format")
   common.add_worker_flags(p)
   args = p.parse_args()
   fwd = ["--batch", args.batch, "--steps", args.steps, "--warmup", args.warmup, "--num_classes",
          args.num_classes, "--kernels", args.kernels, "--dtype", args.dtype, "--seed", args.seed]
+  fwd += ["--amp"] * args.amp + ["--channels_last"] * args.channels_last
   results = common.ours_and_torchvision(__spec__.name, args, fwd, worker_jax, worker_torch)
   if results is None:
     return
@@ -104,6 +134,8 @@ def main():
   row("peak RSS MiB", ours["peak_rss_mb"] if ours else nan, tv["peak_rss_mb"] if tv else nan, "{:.0f}")
   if ours:
     print(f"{'compile s (ours)':<22}{ours['compile_s']:>12.1f}")
+    print(f"{'XLA GFLOP / image':<22}{ours['flops_per_image'] / 1e9:>12.2f}  (forward + backward + update)")
+    print(f"{'XLA MB accessed / img':<22}{ours['bytes_per_image'] / 1e6:>12.1f}")
   result = {"bench": "train_step", "batch": args.batch, "num_classes": args.num_classes, "cpus": os.cpu_count(),
             "ours": ours, "torchvision": tv,
             "throughput_ratio": (ips(ours) / ips(tv)) if (ours and tv) else None}
