@@ -37,19 +37,17 @@ def per_class_nms(boxes, valid, iou_threshold: float):
   return keep
 
 
-def decode_and_score(cls_logits, bbox_regression, anchors, image_size, weights=box_coder.DEFAULT_WEIGHTS):
-  """One image's head outputs cls_logits [A, K], bbox_regression [A, 4] -> (boxes [A, 4] xyxy px decoded from
-  the anchors and clipped to the (H, W) = image_size model input, foreground scores [A, K - 1] (softmax in
-  float32)). The part of post-processing before the selection (also the tflite export's JAX part)."""
-  boxes = box_ops.clip_boxes(box_coder.decode(bbox_regression, anchors, weights), *image_size)
-  return boxes, jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)[:, 1:]
+def decode_boxes(bbox_regression, anchors, image_size, weights=box_coder.DEFAULT_WEIGHTS):
+  """One image's bbox_regression [A, 4] -> boxes [A, 4] xyxy px decoded from the anchors and clipped to the
+  (H, W) = image_size model input (also the tflite export's JAX part)."""
+  return box_ops.clip_boxes(box_coder.decode(bbox_regression, anchors, weights), *image_size)
 
 
 def _postprocess_one(cls_logits, bbox_regression, anchors, orig_size, image_size, score_thresh, nms_thresh,
                      topk_candidates, detections_per_img, weights):
   img_h, img_w = image_size
-  boxes, scores = decode_and_score(cls_logits, bbox_regression, anchors, image_size, weights)
-  scores = scores.T                                                                    # [C, A]
+  boxes = decode_boxes(bbox_regression, anchors, image_size, weights)
+  scores = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)[:, 1:].T           # [C, A] foreground
   masked = jnp.where(scores > score_thresh, scores, -jnp.inf)
   k = min(topk_candidates, masked.shape[1])
   cand_scores, cand_idx = lax.top_k(masked, k)                                        # [C, k]

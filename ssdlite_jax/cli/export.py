@@ -2,19 +2,23 @@
 
   python export.py --checkpoint runs/mine/checkpoints --format stablehlo --out mine.jaxexport
   python export.py --torch-weights ssdlite320.pth --format tflite --out coco.tflite --score-thresh 0.3
+  python export.py --checkpoint DIR --format tflite-int8 --calibration-data configs/synthetic.py --out mine.tflite
 
 Writes OUT and OUT.json (metadata: classes, input/output layout, post-processing). Formats: stablehlo
-(jax.export, batch-polymorphic; ssdlite_jax/export/stablehlo.py says how to run it) and tflite (LiteRT float32,
-batch 1, the 4-output SSD layout; ssdlite_jax/export/tflite.py).
+(jax.export, batch-polymorphic; ssdlite_jax/export/stablehlo.py says how to run it), tflite (LiteRT float32,
+batch 1, the 4-output SSD layout; ssdlite_jax/export/tflite.py) and tflite-int8 (the same layout, int8 network
+calibrated on the first --calibration-images train images of the --calibration-data config's dataset,
+preprocessed as for evaluation; uint8 input).
 """
 
 import argparse
+import os
 import sys
 
 from ssdlite_jax import export as export_lib
 from ssdlite_jax.export import stablehlo, tflite
 
-FORMATS = {"stablehlo": stablehlo, "tflite": tflite}   # each: export(detector, variables), KERNELS
+FORMATS = {"stablehlo": stablehlo, "tflite": tflite, "tflite-int8": tflite}   # each: export(...), KERNELS
 
 
 def main(argv=None):
@@ -28,7 +32,12 @@ def main(argv=None):
   parser.add_argument("--score-thresh", type=float, default=None, help="default: the model config's (0.001)")
   parser.add_argument("--max-detections", type=int, default=None, help="per image; default: the config's (300)")
   parser.add_argument("--image-size", type=int, default=None, help="model input side; default: the config's")
+  parser.add_argument("--calibration-data", default=None,
+                      help="tflite-int8: a config file (e.g. configs/synthetic.py) whose data's train split calibrates")
+  parser.add_argument("--calibration-images", type=int, default=200, help="tflite-int8: images to calibrate on")
   args = parser.parse_args(argv)
+  if (args.format == "tflite-int8") != (args.calibration_data is not None):
+    parser.error("--calibration-data is needed for --format tflite-int8, and only there")
 
   from ssdlite_jax.loading import load_detector  # after argument checks: importing JAX takes a while
   try:
@@ -39,12 +48,36 @@ def main(argv=None):
     module = FORMATS[args.format]
     detector = export_lib.with_overrides(detector, module.KERNELS, args.score_thresh, args.max_detections,
                                          args.image_size)
-    data, extras = module.export(detector, variables)
+    if args.calibration_data:
+      calibration = _calibration_images(args.calibration_data, args.calibration_images, detector.image_size)
+      data, extras = module.export(detector, variables, calibration=calibration)
+      extras["calibration"] = f"{len(calibration)} train images of {args.calibration_data}"
+    else:
+      data, extras = module.export(detector, variables)
     described = f"{source} (step {step})" if step is not None else source
     export_lib.write_atomically(args.out, data, export_lib.metadata(detector, described, args.format, **extras))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB, {args.format}) and {args.out}.json")
+
+
+def load_config(path: str):
+  """The ConfigDict of a config file's get_config() (configs/*.py)."""
+  import importlib.util
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--calibration-data {path}: no such config file")
+  spec = importlib.util.spec_from_file_location("calibration_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _calibration_images(config_path: str, count: int, image_size):
+  """[count, H, W, 3] uint8: the first `count` train images of the config file's dataset, as evaluation sees them."""
+  from ssdlite_jax.data import pipeline
+  if count < 1:
+    raise ValueError(f"--calibration-images={count}: must be >= 1")
+  return pipeline.calibration_images(pipeline.open_source(load_config(config_path).data), count, image_size)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,18 @@ def eval_images(source: sources.Source, count: int) -> list:
   return list(tfds.as_numpy(ds))
 
 
+def calibration_images(source: sources.Source, count: int, image_size) -> np.ndarray:
+  """The first `count` train images preprocessed as for evaluation (resized to image_size (H, W), no
+  augmentation) as the uint8 pixels a deployed model is fed: [count, H, W, 3] RGB (int8 export calibration)."""
+  cfg = source.config
+  size = tuple(int(s) for s in image_size)
+  zero_seed = tf.zeros([2], tf.int64)
+  ds = _read(source, source.info.train_split).take(count).map(
+    lambda ex: _example(source, ex, "none", size, cfg.max_boxes, zero_seed)["image"])
+  images = np.stack(list(tfds.as_numpy(ds))) if count > 0 else np.zeros((0,) + size + (3,), np.float32)
+  return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def _process(process_index, process_count, global_batch_size):
   if process_index is None or process_count is None:
     import jax

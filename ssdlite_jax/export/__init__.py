@@ -2,6 +2,7 @@
 
   stablehlo   `jax.export` of detect.detect (network + post-processing), batch-polymorphic (.jaxexport)
   tflite      LiteRT float32, batch 1, MediaPipe's 4-output SSD layout, TFLite builtin ops only (.tflite)
+  tflite-int8 the same with an int8 network calibrated on the config's train images, uint8 input
 
 Every file comes with `<file>.json`: the metadata (model variant, classes, input and output layout,
 post-processing settings, where the weights came from) that a runtime needs to use it.

@@ -1,22 +1,27 @@
-"""LiteRT / TFLite float32 export in the 4-tensor SSD layout of MediaPipe's ObjectDetector ("in-model NMS") and
-the TF Object Detection API apps, built from TFLite builtin ops only (no custom op).
+"""LiteRT / TFLite export, float32 or int8, in the 4-tensor SSD layout of MediaPipe's ObjectDetector ("in-model
+NMS") and the TF Object Detection API apps, built from TFLite builtin ops only (no custom op).
 
-  input    images float32 [1, S, S, 3] RGB in [0, 1] at the model size (MediaPipe normalisation: mean 0, std 255)
+  input    float32: images [1, S, S, 3] RGB in [0, 1] at the model size (MediaPipe normalisation: mean 0, std 255)
+           int8:    images [1, S, S, 3] uint8 RGB pixels at the model size (no input quantisation parameters)
   outputs  boxes [1, D, 4] (ymin, xmin, ymax, xmax) as fractions of the image; classes [1, D] float32 (label - 1,
            i.e. the index into the class names without background); scores [1, D]; num [1] float32
            (the valid detections come first, sorted by score; the other slots are zero)
 
-The network, box decoding, clipping and softmax are the JAX model (jax2tf); the selection is TF builtins doing
-what postprocess.py does: per class, the top `topk_candidates` scores above `score_thresh`; per class greedy
-NMS (NON_MAX_SUPPRESSION_V5, one per class, so classes never interact, as torchvision); the best D overall.
-TFLite's NMS suppresses at IoU >= nms_thresh where torchvision's suppresses at IoU > nms_thresh: the two
-differ only for boxes whose IoU is exactly the threshold (tests/test_export.py). Needs TensorFlow to convert,
-only ai-edge-litert (or TFLite) to run.
+The network and box decoding + clipping are the JAX model (jax2tf); the scores and the selection are TF builtins
+doing what postprocess.py does: foreground softmax; per class, the top `topk_candidates` scores above
+`score_thresh`; per class greedy NMS (NON_MAX_SUPPRESSION_V5, one per class, so classes never interact, as
+torchvision); the best D overall. TFLite's NMS suppresses at IoU >= nms_thresh where torchvision's suppresses at
+IoU > nms_thresh: the two differ only for boxes whose IoU is exactly the threshold (tests/test_export.py).
+
+int8 (post-training, calibrated on the images given): the network runs in int8 (convolutions, activations, SE
+blocks); box decoding, scores, top-k and NMS stay float32, so scores keep their resolution (a 0.001 threshold is
+below one int8 step of a [0, 1] score). Needs TensorFlow to convert, only ai-edge-litert (or TFLite) to run.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ssdlite_jax import postprocess
@@ -27,34 +32,49 @@ from ssdlite_jax.models import Detector
 KERNELS = "xla"
 
 
+# Name scopes of the JAX part: the int8 converter keeps every tensor outside NETWORK_SCOPE in float32.
+NETWORK_SCOPE, DECODE_SCOPE = "ssd_network", "ssd_decode"
+# TF-side ops the int8 quantiser would otherwise quantise (by op type: their TF names carry no scope).
+FLOAT_OPS = ["TOPK_V2", "GATHER", "NON_MAX_SUPPRESSION_V5"]
+
+
 def _network_and_decode(detector: Detector, variables):
-  """images [1, S, S, 3] -> postprocess.decode_and_score of the image: (boxes [A, 4] xyxy model px, clipped;
-  foreground scores [A, K - 1])."""
+  """images [1, S, S, 3] in [0, 1] -> (boxes [A, 4] xyxy model px, decoded and clipped; class logits [A, K]
+  float32)."""
   anchors = np.asarray(detector.anchors, np.float32)
   weights = tuple(detector.config.box_coder_weights)
 
   def fn(images):
-    out = detector.module.apply(variables, images, train=False)
-    return postprocess.decode_and_score(out["cls_logits"][0], out["bbox_regression"][0], anchors,
-                                        detector.image_size, weights)
+    with jax.named_scope(NETWORK_SCOPE):
+      out = detector.module.apply(variables, images, train=False)
+    with jax.named_scope(DECODE_SCOPE):
+      boxes = postprocess.decode_boxes(out["bbox_regression"][0], anchors, detector.image_size, weights)
+    return boxes, out["cls_logits"][0].astype(jnp.float32)
   return fn
 
 
-def export(detector: Detector, variables: Dict[str, Any]) -> Tuple[bytes, Dict[str, Any]]:
-  """(the .tflite flatbuffer, metadata extras) of the detector, batch 1, float32."""
+def export(detector: Detector, variables: Dict[str, Any], calibration: Optional[np.ndarray] = None
+           ) -> Tuple[bytes, Dict[str, Any]]:
+  """(the .tflite flatbuffer, metadata extras) of the detector, batch 1: float32, or int8 calibrated on
+  `calibration` [N, S, S, 3] uint8 images at the model size (pipeline.calibration_images)."""
   import tensorflow as tf
   from jax.experimental import jax2tf
 
   cfg = detector.config
   size = detector.image_size
+  int8 = calibration is not None
   network = jax2tf.convert(_network_and_decode(detector, jax.device_get(variables)), with_gradient=False)
   num_fg = cfg.num_classes - 1
   k = min(cfg.topk_candidates, len(detector.anchors))
   d = min(cfg.detections_per_img, num_fg * k)
+  input_dtype = tf.uint8 if int8 else tf.float32
 
-  @tf.function(input_signature=[tf.TensorSpec((1,) + size + (3,), tf.float32, name="images")], autograph=False)
+  @tf.function(input_signature=[tf.TensorSpec((1,) + size + (3,), input_dtype, name="images")], autograph=False)
   def detect(images):
-    boxes, scores = network(images)
+    boxes, logits = network(tf.cast(images, tf.float32) / 255.0 if int8 else images)
+    # softmax(logits)[:, 1:], written without a SOFTMAX op: TFLite's quantiser puts int8 on whatever consumes a
+    # SOFTMAX, denylisted or not, which would round every score to a multiple of 1/256.
+    scores = tf.exp(logits[:, 1:] - tf.reduce_logsumexp(logits, axis=1, keepdims=True))
     cand_scores, cand_idx = tf.math.top_k(tf.transpose(tf.where(scores > cfg.score_thresh, scores, -1.0)), k)
     kept_scores, kept_boxes = [], []
     for c in range(num_fg):
@@ -76,10 +96,34 @@ def export(detector: Detector, variables: Dict[str, Any]) -> Tuple[bytes, Dict[s
   converter = tf.lite.TFLiteConverter.from_concrete_functions([detect.get_concrete_function()], detect)
   converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
   flatbuffer = converter.convert()
+  if int8:
+    flatbuffer = _quantize(converter, flatbuffer, calibration)
   extras = {
-      "inputs": {"images": [1, *size, 3, "float32 RGB in [0, 1], resized to the model size"]},
+      "inputs": {"images": [1, *size, 3, ("uint8 RGB pixels" if int8 else "float32 RGB in [0, 1]")
+                            + ", resized to the model size"]},
       "outputs": {"boxes": f"[1, {d}, 4] float32 (ymin, xmin, ymax, xmax) in [0, 1]",
                   "classes": f"[1, {d}] float32: label - 1", "scores": f"[1, {d}] float32",
                   "num": "[1] float32: valid detections, first"},
   }
   return flatbuffer, extras
+
+
+def _quantize(converter, float_flatbuffer: bytes, calibration: np.ndarray) -> bytes:
+  """The int8 model of `converter` (whose float32 model is `float_flatbuffer`): calibrated on `calibration`,
+  every tensor outside NETWORK_SCOPE, and the FLOAT_OPS, kept float32."""
+  import tensorflow as tf
+  from ai_edge_litert.interpreter import Interpreter
+
+  if len(calibration) == 0:
+    raise ValueError("int8 export needs at least one calibration image")
+  names = [t["name"] for t in Interpreter(model_content=float_flatbuffer).get_tensor_details()]
+  keep_float = [n for n in names if NETWORK_SCOPE not in n]
+  images = np.asarray(calibration, np.uint8)
+  dataset = lambda: ([image[None]] for image in images)
+  converter.optimizations = [tf.lite.Optimize.DEFAULT]
+  converter.representative_dataset = dataset
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+  options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep_float, denylisted_ops=FLOAT_OPS)
+  debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=dataset,
+                                                       debug_options=options)
+  return debugger.get_nondebug_quantized_model()
