@@ -77,7 +77,7 @@ def default_boxes(feature_sizes: Sequence[Tuple[int, int]],
     centers = np.repeat(centers, len(wh), axis=0)                                   # [HW*n, 2]
     wh = np.tile(wh, (f_h * f_w, 1))
     size = np.asarray([img_w, img_h], dtype=dtype)
-    # torchvision's order: (cx, cy, w, h) scaled to pixels, then the corners.
-    xy, half = centers * size, np.asarray(0.5, dtype) * (wh * size)
-    out.append(np.concatenate([xy - half, xy + half], axis=-1))
+    # torchvision 0.29's order: the normalised corners (c -/+ w/2), then scaled to pixels.
+    half = np.asarray(0.5, dtype) * wh
+    out.append(np.concatenate([(centers - half) * size, (centers + half) * size], axis=-1))
   return np.concatenate(out, axis=0).astype(dtype)
