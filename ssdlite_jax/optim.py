@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules of torchvision's SSDlite recipe (references/detection).
+"""Optimizers and learning-rate schedules of torchvision's SSD and SSDlite recipes (references/detection).
 
 Config fields (`ml_collections.ConfigDict`, defaults from `default_optim_config()`):
   optimizer: 'sgd' (torch SGD: momentum, no Nesterov, coupled L2 decay on every parameter, BN and
@@ -8,16 +8,22 @@ Config fields (`ml_collections.ConfigDict`, defaults from `default_optim_config(
   batch_size: global batch per optimizer step; the LR is scaled by batch_size / base_batch_size.
   momentum: SGD momentum (0.9); unused by AdamW.
   weight_decay: SGD L2 coefficient / AdamW decoupled decay (4e-5).
+  schedule: 'cosine' (SSDlite: CosineAnnealingLR) or 'multistep' (SSD300: MultiStepLR), both stepped per epoch.
   num_epochs: cosine period T in epochs; the LR reaches 0 at epoch T (660).
+  milestones, gamma: 'multistep' multiplies the LR by gamma at each milestone epoch (SSD300: (80, 110), 0.1).
   warmup_iters: warmup length cap in steps (1000); the warmup lasts min(warmup_iters,
     steps_per_epoch - 1) steps of epoch 0; 0 disables it.
   warmup_factor: LR multiplier at step 0 of the warmup (0.001).
   cosine_per_step: False = torchvision's cosine stepped once per epoch (LR constant within an
     epoch); True = cosine evaluated at every step.
+  frozen: module paths ('backbone/conv1_1') whose parameters are left out of the optimizer entirely, as
+    torchvision's requires_grad=False (no update, no weight decay, no momentum state).
 """
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -35,19 +41,26 @@ def default_optim_config():
       num_epochs=660,
       warmup_iters=1000,
       warmup_factor=0.001,
+      schedule="cosine",
       cosine_per_step=False,
+      milestones=(),
+      gamma=0.1,
+      frozen=(),
   ))
 
 
 def learning_rate_schedule(config, steps_per_epoch):
   """optax schedule: optimizer step (int, 0-based) -> LR (float32; float64 with jax_enable_x64).
 
-  lr(s) = base · warmup(s) · cosine(s), base = learning_rate · batch_size / base_batch_size:
+  lr(s) = base · warmup(s) · decay(s), base = learning_rate · batch_size / base_batch_size:
   warmup(s) = f + (1 - f) · min(s, W) / W with W = min(warmup_iters, steps_per_epoch - 1) (torch
-  LinearLR stepped per iteration in epoch 0); cosine = (1 + cos(pi · e / num_epochs)) / 2 with
-  e = s // steps_per_epoch (CosineAnnealingLR stepped after each epoch), or e = s / steps_per_epoch
-  when cosine_per_step. This closed form equals torch's chained recursive schedulers.
+  LinearLR stepped per iteration in epoch 0); with e = s // steps_per_epoch, decay is 'cosine'
+  (1 + cos(pi · e / num_epochs)) / 2 (CosineAnnealingLR stepped after each epoch; e = s / steps_per_epoch
+  when cosine_per_step) or 'multistep' gamma ** #{milestones <= e} (MultiStepLR). This closed form equals
+  torch's chained recursive schedulers.
   """
+  if config.schedule not in ("cosine", "multistep"):
+    raise ValueError(f"optim.schedule must be 'cosine' or 'multistep', got {config.schedule!r}")
   base_lr = config.learning_rate * config.batch_size / config.base_batch_size
   warmup = min(config.warmup_iters, steps_per_epoch - 1)
   total_steps = config.num_epochs * steps_per_epoch
@@ -62,6 +75,10 @@ def learning_rate_schedule(config, steps_per_epoch):
   def schedule(step):
     dtype = jnp.result_type(float)  # float32, or float64 under jax_enable_x64 (int32 / int stays float32)
     step = jnp.asarray(step, jnp.int32)
+    if config.schedule == "multistep":
+      passed = sum(((step // steps_per_epoch) >= m).astype(dtype) for m in config.milestones)
+      decay = jnp.asarray(config.gamma, dtype) ** passed
+      return (base_lr * warmup_multiplier(step, dtype) * decay).astype(dtype)
     if config.cosine_per_step:
       remaining = (total_steps - step).astype(dtype) / total_steps
     else:
@@ -86,4 +103,20 @@ def make_optimizer(config, steps_per_epoch):
     tx = optax.adamw(schedule, weight_decay=config.weight_decay)
   else:
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
+  if config.frozen:
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                               functools.partial(_freeze_labels, tuple(config.frozen)))
   return tx, schedule
+
+
+def _freeze_labels(prefixes, params):
+  """'frozen' for each parameter under one of the module paths `prefixes` ('backbone/conv1_1' covers
+  'backbone/conv1_1/kernel' and '.../bias'), else 'trained'."""
+  path_of = lambda path: "/".join(str(getattr(k, "key", k)) for k in path) + "/"
+  paths = [path_of(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  prefixes = tuple(p.rstrip("/") + "/" for p in prefixes)
+  unused = [p[:-1] for p in prefixes if not any(path.startswith(p) for path in paths)]
+  if unused:
+    raise ValueError(f"optim.frozen: {unused} name no parameter's module (paths look like {paths[0][:-1]!r})")
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: "frozen" if path_of(p).startswith(prefixes) else "trained", params)

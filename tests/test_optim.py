@@ -2,6 +2,7 @@
 
 import warnings
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,24 +19,30 @@ def _config(**overrides):
   return config
 
 
-def _torch_run(config, steps_per_epoch, num_run_epochs, grads=None, params=None):
-  """LR at every iteration (and final params) of torch SGD/AdamW + LinearLR + CosineAnnealingLR.
+def _torch_run(config, steps_per_epoch, num_run_epochs, grads=None, params=None, frozen=()):
+  """LR at every iteration (and final params) of torch SGD/AdamW + LinearLR + CosineAnnealingLR (or
+  MultiStepLR with config.schedule 'multistep').
 
-  Epoch 0 steps LinearLR after every iteration (engine.py); the cosine scheduler steps after every
+  Epoch 0 steps LinearLR after every iteration (engine.py); the decay scheduler steps after every
   epoch (train.py), or after every iteration when config.cosine_per_step. Without `grads`, epochs
-  after the first record their (constant) LR without iterating.
+  after the first record their (constant) LR without iterating. Parameters whose index is in `frozen` are
+  not given to the optimizer (requires_grad=False).
   """
   torch = import_or_skip("torch")
   base_lr = config.learning_rate * config.batch_size / config.base_batch_size
   tensors = [torch.tensor(p, requires_grad=True) for p in (params or [np.zeros(1, np.float32)])]
+  trained = [t for i, t in enumerate(tensors) if i not in frozen]
   if config.optimizer == "sgd":
-    opt = torch.optim.SGD(tensors, lr=base_lr, momentum=config.momentum,
+    opt = torch.optim.SGD(trained, lr=base_lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
   else:
-    opt = torch.optim.AdamW(tensors, lr=base_lr, weight_decay=config.weight_decay)
-  per_step = config.cosine_per_step
-  cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-      opt, T_max=config.num_epochs * (steps_per_epoch if per_step else 1))
+    opt = torch.optim.AdamW(trained, lr=base_lr, weight_decay=config.weight_decay)
+  per_step = config.cosine_per_step and config.schedule == "cosine"
+  if config.schedule == "multistep":
+    cosine = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(config.milestones), gamma=config.gamma)
+  else:
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=config.num_epochs * (steps_per_epoch if per_step else 1))
   lrs, step = [], 0
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -77,6 +84,11 @@ def _jax_lrs(config, steps_per_epoch, num_steps):
     (dict(num_epochs=5, warmup_iters=0), 7, 5),
     (dict(num_epochs=5, cosine_per_step=True), 7, 5),
     (dict(), 610, 660),                                  # the real recipe: 8 x 24 images, W = 609
+    (dict(schedule="multistep", milestones=(2, 4), gamma=0.5, warmup_iters=3), 5, 6),
+    (dict(schedule="multistep", milestones=(1,), warmup_iters=0), 3, 3),
+    # SSD300's recipe: 8 x 4 images, about 3,664 steps per epoch, x0.1 at epochs 80 and 110
+    (dict(schedule="multistep", milestones=(80, 110), learning_rate=0.002, base_batch_size=32, batch_size=32),
+     3664, 120),
 ])
 @pytest.mark.torch
 def test_lr_sequence_matches_torch(overrides, steps_per_epoch, num_run_epochs):
@@ -126,6 +138,37 @@ def test_optimizer_steps_match_torch(name):
     # optax forms Adam's bias corrections from float32 betas (1 - 0.999f is 4.7e-5 off): ~1e-5 per step.
     tol = dict(rtol=1e-6, atol=1e-7) if name == "sgd" else dict(rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got), want, **tol)
+
+
+@pytest.mark.torch
+def test_frozen_parameters_are_outside_the_optimizer():
+  """optim.frozen = torch's requires_grad=False: those tensors get no update, no weight decay, no momentum; the
+  others step exactly as torch's SGD over the trained tensors only."""
+  config = _config(num_epochs=2, weight_decay=5e-4, frozen=("backbone/conv1_1", "backbone/conv1_2"))
+  rng = np.random.default_rng(1)
+  names = [("backbone", "conv1_1", "kernel"), ("backbone", "conv1_1", "bias"), ("backbone", "conv1_2", "kernel"),
+           ("backbone", "conv10_1", "kernel"), ("head", "level0", "kernel")]
+  shapes = [(3, 3, 2, 4), (4,), (1, 1, 4, 4), (1, 1, 4, 2), (3, 3, 2, 8)]
+  params = [rng.normal(size=s).astype(np.float32) for s in shapes]
+  grads = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(6)]
+  _, expected = _torch_run(config, 3, 2, grads=grads, params=params, frozen={0, 1, 2})
+  tree = lambda leaves: flax.traverse_util.unflatten_dict(dict(zip(names, map(jnp.asarray, leaves))))
+  tx, _ = optim.make_optimizer(config, 3)
+  p = tree(params)
+  state = tx.init(p)
+  for g in grads:
+    updates, state = tx.update(tree(g), state, p)
+    p = optax.apply_updates(p, updates)
+  got = flax.traverse_util.flatten_dict(p)
+  for i, name in enumerate(names):
+    if i < 3:
+      np.testing.assert_array_equal(got[name], params[i], err_msg=str(name))
+    else:
+      assert not np.allclose(expected[i], params[i])
+      np.testing.assert_allclose(got[name], expected[i], rtol=1e-6, atol=1e-7, err_msg=str(name))
+  config.frozen = ("backbone/conv1",)   # a module path, not a string prefix: names no module
+  with pytest.raises(ValueError, match=r"optim.frozen: \['backbone/conv1'\] name no parameter's module"):
+    optim.make_optimizer(config, 3)[0].init(p)
 
 
 def test_unknown_optimizer():
