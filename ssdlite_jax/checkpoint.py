@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ssdlite_jax.models import default_model_config
+from ssdlite_jax.models import default_model_config, with_batch_stats
 
 
 def _variables_manager(ckpt_dir: str) -> ocp.CheckpointManager:
@@ -54,7 +54,7 @@ def restore_train_state(mngr: ocp.CheckpointManager, state, step: int):
       train=ocp.args.StandardRestore({"opt_state": abstract.opt_state, "step": abstract.step,
                                       "rng": abstract.rng})))
   v, t = restored["variables"], restored["train"]
-  return state.replace(params=v["params"], batch_stats=v["batch_stats"], **t)
+  return state.replace(params=v["params"], batch_stats=v.get("batch_stats", {}), **t)
 
 
 def save_variables(ckpt_dir: str, step: int, variables, model_config: ml_collections.ConfigDict) -> None:
@@ -84,6 +84,9 @@ def load_variables(ckpt_dir: str, step: Optional[int] = None
                           meta.item_metadata.tree)
     restored = mngr.restore(step, args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(target), model=ocp.args.JsonRestore()))
-  cfg = default_model_config()
-  cfg.update(restored["model"])
-  return dict(restored["variables"]), cfg, step
+  saved = restored["model"]
+  cfg = default_model_config()   # fields newer than the checkpoint keep their defaults
+  cfg.update(saved)
+  if "backbone_kwargs" in saved:  # the saved backbone's own options, not merged with the default backbone's
+    cfg.backbone_kwargs = ml_collections.ConfigDict(saved["backbone_kwargs"])
+  return with_batch_stats(restored["variables"]), cfg, step

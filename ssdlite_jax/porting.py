@@ -1,7 +1,8 @@
 """Weight porting between torchvision state_dicts and Flax variables, and .pth / .safetensors files.
 
 Conversion rules (torch -> Flax): conv OIHW -> HWIO (depthwise (C,1,k,k) -> (k,k,1,C)); BN weight/bias ->
-params scale/bias; running_mean/var/num_batches_tracked -> batch_stats mean/var/num_batches_tracked.
+params scale/bias; running_mean/var/num_batches_tracked -> batch_stats mean/var/num_batches_tracked (a model
+without BatchNorm has an empty batch_stats); bare parameters (VGG's scale_weight) unchanged.
 torch is imported only to read or write .pth files.
 """
 
@@ -14,7 +15,7 @@ import flax
 import jax
 import numpy as np
 
-from ssdlite_jax.models import Detector
+from ssdlite_jax.models import Detector, with_batch_stats
 
 StateDict = Dict[str, np.ndarray]
 
@@ -30,15 +31,19 @@ _CONV = (
     ("params", ("kernel",), ".weight", True),
     ("params", ("bias",), ".bias", False),
 )
+_TENSOR = (("params", (), "", False),)  # a bare parameter (SSD's L2Norm scale_weight): same shape both sides
+_KINDS = {"conv_bn": _CONV_BN, "conv": _CONV, "tensor": _TENSOR}
+
+
+def _expand(modules) -> List[Tuple[str, Tuple[str, ...], str, bool]]:
+  """{flax module path: (torch prefix, kind)} -> [(collection, flax path, torch key, is_kernel)]."""
+  return [(coll, path + leaf, prefix + suffix, is_kernel)
+          for path, (prefix, kind) in modules.items() for coll, leaf, suffix, is_kernel in _KINDS[kind]]
 
 
 def key_map(detector: Detector) -> List[Tuple[str, Tuple[str, ...], str, bool]]:
   """[(collection, flax path, torch key, is_kernel)] for every tensor, in torchvision's state_dict order."""
-  out = []
-  for path, (prefix, kind) in detector.torchvision_modules().items():
-    for coll, leaf, suffix, is_kernel in (_CONV_BN if kind == "conv_bn" else _CONV):
-      out.append((coll, path + leaf, prefix + suffix, is_kernel))
-  return out
+  return _expand(detector.torchvision_modules())
 
 
 def _abstract_variables(detector: Detector):
@@ -64,11 +69,25 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], detector: Detector,
   fresh initialisation from `rng` and unexpected keys are ignored; returns (variables, problems) then, one
   line per skipped key.
   """
-  abstract = flax.traverse_util.flatten_dict(_abstract_variables(detector))
   entries = key_map(detector)
   expected = {torch_key for _, _, torch_key, _ in entries}
   problems = [f"unexpected key {k} {tuple(np.shape(v))}" for k, v in state_dict.items() if k not in expected]
-  flat = {}
+  flat, missing = _read(state_dict, entries, detector)
+  problems += missing
+  if not skip_mismatched:
+    if problems:
+      raise ValueError("state_dict does not match the model:\n  " + "\n  ".join(problems))
+    return with_batch_stats(flax.traverse_util.unflatten_dict(flat))
+  fresh = flax.traverse_util.flatten_dict(detector.init(rng if rng is not None else jax.random.key(0)))
+  merged = {k: flat.get(k, np.asarray(v)) for k, v in fresh.items()}
+  return with_batch_stats(flax.traverse_util.unflatten_dict(merged)), problems
+
+
+def _read(state_dict, entries, detector: Detector):
+  """({(collection,) + flax path: value} of `entries` found in `state_dict`, problems: one line per missing or
+  mis-shaped key)."""
+  abstract = flax.traverse_util.flatten_dict(_abstract_variables(detector))
+  flat, problems = {}, []
   for coll, path, torch_key, is_kernel in entries:
     want = abstract[(coll,) + path].shape
     if torch_key not in state_dict:
@@ -80,13 +99,24 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], detector: Detector,
                       f"model {_torch_shape(want, is_kernel)}")
       continue
     flat[(coll,) + path] = value
-  if not skip_mismatched:
-    if problems:
-      raise ValueError("state_dict does not match the model:\n  " + "\n  ".join(problems))
-    return flax.traverse_util.unflatten_dict(flat)
-  fresh = flax.traverse_util.flatten_dict(detector.init(rng if rng is not None else jax.random.key(0)))
-  merged = {k: flat.get(k, np.asarray(v)) for k, v in fresh.items()}
-  return flax.traverse_util.unflatten_dict(merged), problems
+  return flat, problems
+
+
+def import_backbone(state_dict: Mapping[str, np.ndarray], detector: Detector, variables) -> Tuple[Dict, int]:
+  """`variables` with the backbone's tensors taken from an ImageNet classifier's state_dict in torchvision's
+  layout (VGG16: vgg16_features-amdegroot-88682ab5.pth, whose `features.*` are used; keys the backbone does not
+  map, e.g. that file's NaN classifier, are ignored). Returns (variables, tensors imported); a missing or
+  mis-shaped key raises a ValueError naming it."""
+  backbone = detector.module.backbone
+  if not hasattr(backbone, "imagenet_modules"):
+    raise ValueError(f"model.backbone={detector.config.backbone!r} has no ImageNet weight import")
+  entries = _expand({("backbone",) + path: v for path, v in backbone.imagenet_modules().items()})
+  flat, problems = _read(state_dict, entries, detector)
+  if problems:
+    raise ValueError("not the backbone's ImageNet weights:\n  " + "\n  ".join(problems))
+  merged = flax.traverse_util.flatten_dict(jax.device_get(variables))
+  merged.update(flat)
+  return with_batch_stats(flax.traverse_util.unflatten_dict(merged)), len(flat)
 
 
 def _torch_shape(flax_shape, is_kernel):

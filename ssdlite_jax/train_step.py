@@ -96,7 +96,7 @@ def make_train_step(detector: Detector, tx: optax.GradientTransformation,
                                   batch["image"], train=True, mutable=["batch_stats"])
       losses = multibox_loss(out["cls_logits"], out["bbox_regression"], anchors,
                              batch["boxes"], batch["labels"], batch["mask"])
-      return losses["bbox_regression"] + losses["classification"], (losses, updates["batch_stats"])
+      return losses["bbox_regression"] + losses["classification"], (losses, updates.get("batch_stats", {}))
 
     # Differentiate per-device copies of the params; the explicit pmean below is DDP's all-reduce.
     params = lax.pcast(state.params, AXIS, to="varying")

@@ -60,16 +60,25 @@ class NonFiniteLoss(RuntimeError):
 
 
 def initial_variables(config, detector, rng):
-  """Variables to start from: None (fresh init), a torchvision state_dict or a checkpoint (config.init_from).
+  """Variables to start from: None (fresh init), a torchvision state_dict or a checkpoint (config.init_from),
+  then, with config.init_backbone_from, the backbone from an ImageNet classifier's weights (the rest as before).
 
   A different num_classes keeps a fresh classification head (reported)."""
-  src = config.init_from
-  if not src:
-    return None
-  source, variables, _ = load_detector(src)
-  variables, problems = porting.transfer(variables, source, detector, rng)
-  logging.info("initialised from %s; %d tensors not loaded%s", src, len(problems),
-               "".join(f"\n  {p}" for p in problems))
+  variables = None
+  if config.init_from:
+    source, variables, _ = load_detector(config.init_from)
+    variables, problems = porting.transfer(variables, source, detector, rng)
+    logging.info("initialised from %s; %d tensors not loaded%s", config.init_from, len(problems),
+                 "".join(f"\n  {p}" for p in problems))
+  if config.init_backbone_from:
+    if variables is None:  # the fresh init create_train_state would draw
+      variables = detector.init(jax.random.split(rng)[1])
+    try:
+      variables, count = porting.import_backbone(porting.load_state_dict(config.init_backbone_from), detector,
+                                                 variables)
+    except ValueError as e:
+      raise ValueError(f"config.init_backbone_from={config.init_backbone_from}: {e}") from None
+    logging.info("backbone: %d tensors from %s", count, config.init_backbone_from)
   return variables
 
 

@@ -16,13 +16,14 @@ import numpy as np
 from ssdlite_jax import anchors as anchors_lib
 from ssdlite_jax import kernels as kernels_lib
 from ssdlite_jax.models import layers
-from ssdlite_jax.models.heads import SSDLitePredictor
+from ssdlite_jax.models.heads import SSDLitePredictor, SSDPredictor
 from ssdlite_jax.dtypes import wide_dtype
 from ssdlite_jax.models.mobilenet_v3 import MobileNetV3SSDLite
 from ssdlite_jax.models.ssd import SSD
+from ssdlite_jax.models.vgg import VGG16SSD
 
-BACKBONES = {"mobilenet_v3_large": MobileNetV3SSDLite}
-HEADS = {"ssdlite": SSDLitePredictor}
+BACKBONES = {"mobilenet_v3_large": MobileNetV3SSDLite, "vgg16": VGG16SSD}
+HEADS = {"ssdlite": SSDLitePredictor, "ssd": SSDPredictor}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
@@ -52,8 +53,43 @@ def default_model_config() -> ml_collections.ConfigDict:
   return c
 
 
+def ssd300_vgg16_config() -> ml_collections.ConfigDict:
+  """SSD300-VGG16 exactly as torchvision's ssd300_vgg16(weights=None, weights_backbone=None): 300x300 input as
+  [0, 255] RGB minus the ImageNet mean (std 1/255), 8,732 anchors on steps 8..300, its post-processing."""
+  c = default_model_config()
+  c.backbone = "vgg16"
+  c.backbone_kwargs = ml_collections.ConfigDict(dict(highres=False))
+  c.head = "ssd"
+  c.image_size = 300
+  c.image_mean = (0.48235, 0.45882, 0.40784)
+  c.image_std = (1.0 / 255.0,) * 3
+  c.anchors = ml_collections.ConfigDict(dict(
+      aspect_ratios=((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), min_ratio=0.2, max_ratio=0.95,
+      scales=(0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05), steps=(8, 16, 32, 64, 100, 300), clip=True))
+  c.score_thresh = 0.01
+  c.nms_thresh = 0.45
+  c.topk_candidates = 400
+  c.detections_per_img = 200
+  return c
+
+
+def ssd512_vgg16_config() -> ml_collections.ConfigDict:
+  """SSD512-VGG16 as torchvision's own parts build it (it ships no builder): _vgg_extractor(highres=True), 7 maps
+  (64, 32, 16, 8, 6, 4, 1 at 512 px), SSDHead with 4, 6, 6, 6, 4, 4, 4 anchors per location (37,075,166
+  parameters, the blog's 37.08 M; 24,660 anchors). Scales 0.07..1.2 on the feature-map grid (no steps) follow
+  the one surviving copy of the unreleased builder: torchvision never published them."""
+  c = ssd300_vgg16_config()
+  c.backbone_kwargs.highres = True
+  c.image_size = 512
+  c.anchors.aspect_ratios = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,), (2,))
+  c.anchors.scales = (0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05, 1.2)
+  c.anchors.steps = ()
+  return c
+
+
 # torchvision models whose state_dicts load without a model config: name -> model config (loading.py).
-TORCHVISION_VARIANTS = {"ssdlite320_mobilenet_v3_large": default_model_config}
+TORCHVISION_VARIANTS = {"ssdlite320_mobilenet_v3_large": default_model_config, "ssd300_vgg16": ssd300_vgg16_config,
+                        "ssd512_vgg16": ssd512_vgg16_config}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +108,9 @@ class Detector:
     return (self.config.image_size, self.config.image_size)
 
   def init(self, rng) -> Dict[str, Any]:
-    """Fresh variables {"params", "batch_stats"} with torchvision's from-scratch initialisation."""
-    return dict(self._jit_init(rng))
+    """Fresh variables {"params", "batch_stats"} with torchvision's from-scratch initialisation (batch_stats
+    {} for a model without BatchNorm)."""
+    return with_batch_stats(self._jit_init(rng))
 
   @functools.cached_property
   def _jit_init(self):
@@ -88,6 +125,17 @@ class Detector:
       head = HEADS[self.config.head](self.module.num_anchors, 1)
       out.update({(name,) + k: (p, kind) for k, (p, kind) in head.torchvision_modules(f"head.{name}").items()})
     return out
+
+
+def with_batch_stats(variables) -> Dict[str, Any]:
+  """{"params", "batch_stats"}: Flax leaves the collection out for a model without BatchNorm (VGG)."""
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def _bound(cls, factories: Dict[str, Any]) -> Dict[str, Any]:
+  """The layer factories that module class `cls` takes (VGG and its head build no BatchNorm layers)."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  return {k: v for k, v in factories.items() if k in names}
 
 
 def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None) -> Detector:
@@ -105,7 +153,8 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
                      "jax.config.update('jax_enable_x64', True) first")
   kernels = kernels_lib.resolve(config.kernels)
   factories = layers.layer_factories(kernels, dtype, bn_axis_name)._asdict()
-  backbone = BACKBONES[config.backbone](**config.backbone_kwargs.to_dict(), **factories)
+  backbone_cls, head_cls = BACKBONES[config.backbone], HEADS[config.head]
+  backbone = backbone_cls(**config.backbone_kwargs.to_dict(), **_bound(backbone_cls, factories))
   a = config.anchors
   num_anchors = anchors_lib.num_anchors_per_location(a.aspect_ratios)
   size = (config.image_size, config.image_size)
@@ -115,7 +164,7 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
   anchors = anchors_lib.default_boxes(
       feature_sizes, size, a.aspect_ratios, a.min_ratio, a.max_ratio,
       scales=a.scales or None, steps=a.steps or None, clip=a.clip, dtype=np.dtype(wide_dtype(dtype)))
-  module = SSD(backbone=backbone, head=HEADS[config.head], num_classes=config.num_classes,
+  module = SSD(backbone=backbone, head=head_cls, num_classes=config.num_classes,
                num_anchors=num_anchors, image_mean=tuple(config.image_mean),
-               image_std=tuple(config.image_std), head_kwargs=factories)
+               image_std=tuple(config.image_std), head_kwargs=_bound(head_cls, factories))
   return Detector(module=module, anchors=anchors, config=config, kernels=kernels, bn_axis_name=bn_axis_name)

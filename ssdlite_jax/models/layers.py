@@ -1,7 +1,8 @@
 """Building blocks with torchvision's numerics, in NHWC.
 
-Every conv uses explicit symmetric padding (k - 1) // 2 (XLA's 'SAME' differs from torch on stride 2)
-and torchvision's from-scratch init N(0, 0.03^2), zero bias. BatchNorm follows torch's semantics,
+Every conv uses explicit symmetric padding, (k - 1) // 2 unless given (XLA's 'SAME' differs from torch on
+stride 2), and torchvision's SSDlite from-scratch init N(0, 0.03^2) unless given (SSD's VGG uses kaiming_fan_out
+and xavier_init), zero bias. BatchNorm follows torch's semantics,
 including the unbiased variance in the running-statistics update. Parameters, statistics and sums are
 kept in `wide_dtype(dtype)`: float32 for float32/bfloat16 compute, float64 for a float64 model.
 
@@ -24,6 +25,8 @@ from ssdlite_jax.kernels.depthwise import depthwise_conv
 from ssdlite_jax.kernels.pointwise import pointwise_conv
 
 conv_init = nn.initializers.normal(stddev=0.03)
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torch kaiming_normal_(fan_out)
+xavier_init = nn.initializers.xavier_uniform()                                 # torch xavier_uniform_
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -33,8 +36,8 @@ ACTIVATIONS = {
 }
 
 
-def _pad(kernel_size: int):
-  p = (kernel_size - 1) // 2
+def _pad(kernel_size: int, padding: Optional[int] = None):
+  p = (kernel_size - 1) // 2 if padding is None else padding
   return ((p, p), (p, p))
 
 
@@ -132,10 +135,11 @@ class PointwiseConv(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   kernels: str = "cpu"
+  kernel_init: Callable = conv_init
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), wide_dtype(self.dtype))
+    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), wide_dtype(self.dtype))
     y = _by_kernels(self.kernels, pointwise_conv, pointwise_conv_xla, x.astype(self.dtype), kernel)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), wide_dtype(self.dtype)).astype(self.dtype)
@@ -143,14 +147,16 @@ class PointwiseConv(nn.Module):
 
 
 def conv(features: int, kernel_size: int = 1, stride: int = 1, use_bias: bool = False, *, kernels: str = "xla",
-         dtype: Any = jnp.float32, name: Optional[str] = None) -> nn.Module:
-  """A dense conv with torch padding and init (with kernels 'cpu' or 'per_platform', 1x1 stride 1 is a
-  PointwiseConv)."""
-  if kernels in ("cpu", "per_platform") and kernel_size == 1 and stride == 1:
-    return PointwiseConv(features, use_bias, dtype, kernels, name=name)
+         dtype: Any = jnp.float32, padding: Optional[int] = None, dilation: int = 1,
+         kernel_init: Callable = conv_init, name: Optional[str] = None) -> nn.Module:
+  """A dense conv with torch's symmetric `padding` (default (k - 1) // 2), kernel `dilation` and init (with
+  kernels 'cpu' or 'per_platform', 1x1 stride 1 is a PointwiseConv)."""
+  if kernels in ("cpu", "per_platform") and kernel_size == 1 and stride == 1 and not padding:
+    return PointwiseConv(features, use_bias, dtype, kernels, kernel_init, name=name)
   return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                 padding=_pad(kernel_size), use_bias=use_bias, kernel_init=conv_init,
-                 bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=wide_dtype(dtype), name=name)
+                 padding=_pad(kernel_size, padding), kernel_dilation=(dilation, dilation), use_bias=use_bias,
+                 kernel_init=kernel_init, bias_init=nn.initializers.zeros, dtype=dtype,
+                 param_dtype=wide_dtype(dtype), name=name)
 
 
 class ConvBNAct(nn.Module):
