@@ -78,8 +78,8 @@ def synthetic_train_batch(batch: int, size: int = 320, num_classes: int = 91, ma
   """
   import numpy as np
   rng = np.random.default_rng(seed)
-  low = rng.random((batch, size // 16, size // 16, 3), dtype=np.float32)
-  images = np.repeat(np.repeat(low, 16, axis=1), 16, axis=2)
+  low = rng.random((batch, -(-size // 16), -(-size // 16), 3), dtype=np.float32)
+  images = np.repeat(np.repeat(low, 16, axis=1), 16, axis=2)[:, :size, :size]
   images = np.clip(images + 0.05 * rng.standard_normal(images.shape, dtype=np.float32), 0, 1).astype(np.float32)
   boxes = np.zeros((batch, max_boxes, 4), np.float32)
   labels = np.zeros((batch, max_boxes), np.int32)

@@ -29,7 +29,8 @@ SMOKE = dict(batches=(2,), steps=2, warmup=1, runs=3, throughput_batch=2, throug
 
 
 def _train_args(batch, sizes, **overrides):
-  args = dict(batch=batch, steps=sizes["steps"], warmup=sizes["warmup"], num_classes=91, kernels="auto",
+  args = dict(model="ssdlite320_mobilenet_v3_large", batch=batch, steps=sizes["steps"], warmup=sizes["warmup"],
+              num_classes=91, kernels="auto",
               dtype="float32", seed=0, amp=False, channels_last=False)
   return types.SimpleNamespace(**dict(args, **overrides))
 

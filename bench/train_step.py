@@ -1,11 +1,11 @@
-"""Training throughput: our jitted train step vs torchvision's ssdlite320_mobilenet_v3_large (CPU or any backend).
+"""Training throughput: our jitted train step vs torchvision's (CPU or any backend), SSDlite320 or SSD300.
 
-  python -m bench.train_step [--batch 24] [--steps 5] [--num_classes 91] [--kernels auto] [--dtype float32]
-                             [--amp] [--channels_last]
+  python -m bench.train_step [--model ssdlite320_mobilenet_v3_large | ssd300_vgg16] [--batch 24] [--steps 5]
+                             [--num_classes 91] [--kernels auto] [--dtype float32] [--amp] [--channels_last]
 
 Each framework runs in its own subprocess (so the RSS high-water marks are separable) on the same synthetic
-batch (320x320 images, so torchvision's resize is the identity; 1-4 boxes per image), same thread count.
-Measured: forward + loss + backward + SGD(momentum 0.9, wd 4e-5) update; median over --steps steps after
+batch (images at the model's input size, so torchvision's resize is the identity; 1-4 boxes per image), same
+thread count. Measured: forward + loss + backward + SGD(momentum 0.9, wd 4e-5) update; median over --steps steps after
 --warmup steps; our compile time (lower + compile of the step) and the device memory the compiled step
 needs; torchvision's peak CUDA memory on a GPU, optionally under bf16 autocast and channels_last (its GPU
 recipe). Prints a table and one JSON line.
@@ -17,6 +17,9 @@ import os
 import time
 
 from bench import common
+from ssdlite_jax.models import TORCHVISION_VARIANTS
+
+BUILDERS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16")   # the variants torchvision has a builder for
 
 
 def worker_torch(args):
@@ -26,8 +29,9 @@ def worker_torch(args):
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  images, boxes, labels, mask = common.synthetic_train_batch(args.batch, 320, args.num_classes, seed=args.seed)
-  model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+  size = TORCHVISION_VARIANTS[args.model]().image_size
+  images, boxes, labels, mask = common.synthetic_train_batch(args.batch, size, args.num_classes, seed=args.seed)
+  model = getattr(torchvision.models.detection, args.model)(
       weights=None, weights_backbone=None, num_classes=args.num_classes).train().to(device)
   if args.channels_last:
     model = model.to(memory_format=torch.channels_last)
@@ -57,10 +61,10 @@ def worker_torch(args):
 def worker_jax(args):
   import jax
   from ssdlite_jax import optim
-  from ssdlite_jax.models import build_model, default_model_config
+  from ssdlite_jax.models import build_model
   from ssdlite_jax.distributed import make_mesh, shard_batch
   from ssdlite_jax.train_step import create_train_state, make_train_step
-  cfg = default_model_config()
+  cfg = TORCHVISION_VARIANTS[args.model]()
   cfg.num_classes = args.num_classes
   cfg.kernels = args.kernels
   cfg.dtype = args.dtype
@@ -70,7 +74,8 @@ def worker_jax(args):
   tx, schedule = optim.make_optimizer(ocfg, steps_per_epoch=1000)
   mesh = make_mesh(jax.devices()[:1])
   state = create_train_state(detector, tx, jax.random.PRNGKey(0), mesh)
-  images, boxes, labels, mask = common.synthetic_train_batch(args.batch, 320, args.num_classes, seed=args.seed)
+  images, boxes, labels, mask = common.synthetic_train_batch(args.batch, cfg.image_size, args.num_classes,
+                                                             seed=args.seed)
   batch = shard_batch(dict(image=images, boxes=boxes, labels=labels, mask=mask), mesh)
   step = make_train_step(detector, tx, schedule, mesh)
   t0 = time.perf_counter()
@@ -104,6 +109,7 @@ def _step_megabytes(memory):
 
 def main():
   p = argparse.ArgumentParser()
+  p.add_argument("--model", default="ssdlite320_mobilenet_v3_large", choices=sorted(BUILDERS))
   p.add_argument("--batch", type=int, default=24, help="per-device batch")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
@@ -115,7 +121,7 @@ def main():
   p.add_argument("--channels_last", action="store_true", help="torchvision in channels_last memory format")
   common.add_worker_flags(p)
   args = p.parse_args()
-  fwd = ["--batch", args.batch, "--steps", args.steps, "--warmup", args.warmup, "--num_classes",
+  fwd = ["--model", args.model, "--batch", args.batch, "--steps", args.steps, "--warmup", args.warmup, "--num_classes",
          args.num_classes, "--kernels", args.kernels, "--dtype", args.dtype, "--seed", args.seed]
   fwd += ["--amp"] * args.amp + ["--channels_last"] * args.channels_last
   results = common.ours_and_torchvision(__spec__.name, args, fwd, worker_jax, worker_torch)
@@ -123,7 +129,9 @@ def main():
     return
   ours, tv = results
   ips = lambda r: args.batch / r["step_s"] if r else float("nan")
-  print(f"train step, batch {args.batch}, 320x320, {args.num_classes} classes, {os.cpu_count()} CPUs")
+  size = TORCHVISION_VARIANTS[args.model]().image_size
+  print(f"{args.model} train step, batch {args.batch}, {size}x{size}, {args.num_classes} classes, "
+        f"{os.cpu_count()} CPUs")
   print(f"{'':<22}{'ours':>12}{'torchvision':>14}{'ratio':>10}")
   def row(name, a, b, fmt="{:.1f}"):
     ratio = a / b if (a == a and b == b and b) else float("nan")
@@ -136,8 +144,8 @@ def main():
     print(f"{'compile s (ours)':<22}{ours['compile_s']:>12.1f}")
     print(f"{'XLA GFLOP / image':<22}{ours['flops_per_image'] / 1e9:>12.2f}  (forward + backward + update)")
     print(f"{'XLA MB accessed / img':<22}{ours['bytes_per_image'] / 1e6:>12.1f}")
-  result = {"bench": "train_step", "batch": args.batch, "num_classes": args.num_classes, "cpus": os.cpu_count(),
-            "ours": ours, "torchvision": tv,
+  result = {"bench": "train_step", "model": args.model, "batch": args.batch, "num_classes": args.num_classes,
+            "cpus": os.cpu_count(), "ours": ours, "torchvision": tv,
             "throughput_ratio": (ips(ours) / ips(tv)) if (ours and tv) else None}
   print(json.dumps(result))
 
