@@ -38,7 +38,7 @@ def max_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = Fa
 
 class L2Norm(nn.Module):
   """F.normalize(x) * scale_weight over the channel axis: x / max(||x||_2, 1e-12) * scale (per channel, init
-  20); 0 (not NaN) at an all-zero pixel, in value and gradient."""
+  20); at an all-zero pixel 0 with torch's gradient scale / 1e-12, not NaN."""
 
   @nn.compact
   def __call__(self, x):
