@@ -19,20 +19,22 @@ from ssdlite_jax.models import Detector, with_batch_stats
 
 StateDict = Dict[str, np.ndarray]
 
-_CONV_BN = (  # (flax collection, flax leaf path, torch suffix, is_kernel)
-    ("params", ("conv", "kernel"), ".0.weight", True),
-    ("params", ("bn", "scale"), ".1.weight", False),
-    ("params", ("bn", "bias"), ".1.bias", False),
-    ("batch_stats", ("bn", "mean"), ".1.running_mean", False),
-    ("batch_stats", ("bn", "var"), ".1.running_var", False),
-    ("batch_stats", ("bn", "num_batches_tracked"), ".1.num_batches_tracked", False),
-)
-_CONV = (
-    ("params", ("kernel",), ".weight", True),
+# (flax collection, flax leaf path under the module, torch key suffix, is_kernel) per kind of module.
+_CONV_NOBIAS = (("params", ("kernel",), ".weight", True),)
+_CONV = _CONV_NOBIAS + (("params", ("bias",), ".bias", False),)
+_BN = (
+    ("params", ("scale",), ".weight", False),
     ("params", ("bias",), ".bias", False),
+    ("batch_stats", ("mean",), ".running_mean", False),
+    ("batch_stats", ("var",), ".running_var", False),
+    ("batch_stats", ("num_batches_tracked",), ".num_batches_tracked", False),
 )
+# torchvision's Conv2dNormActivation: Sequential(conv, BN) as ConvBNAct's "conv" and "bn"; ResNet names the two
+# parts itself (conv1 / bn1): a "conv_nobias" and a "bn" entry there.
+_CONV_BN = (("params", ("conv", "kernel"), ".0.weight", True),) + tuple(
+    (coll, ("bn",) + leaf, ".1" + suffix, is_kernel) for coll, leaf, suffix, is_kernel in _BN)
 _TENSOR = (("params", (), "", False),)  # a bare parameter (SSD's L2Norm scale_weight): same shape both sides
-_KINDS = {"conv_bn": _CONV_BN, "conv": _CONV, "tensor": _TENSOR}
+_KINDS = {"conv_bn": _CONV_BN, "conv": _CONV, "tensor": _TENSOR, "conv_nobias": _CONV_NOBIAS, "bn": _BN}
 
 
 def _expand(modules) -> List[Tuple[str, Tuple[str, ...], str, bool]]:

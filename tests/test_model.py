@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ssdlite_jax import postprocess
-from ssdlite_jax.models import build_model, default_model_config, ssd300_vgg16_config, ssd512_vgg16_config, vgg
+from ssdlite_jax.models import (build_model, default_model_config, layers, ssd300_vgg16_config, ssd512_resnet50_config,
+                                ssd512_vgg16_config, vgg)
 from tests.torch_reference import smooth_images
 
 
@@ -24,13 +25,15 @@ def test_parameter_count_and_anchor_count_are_torchvision_published():
     (ssd300_vgg16_config, 35_641_826, 4 * 38 ** 2 + 6 * 19 ** 2 + 6 * 10 ** 2 + 6 * 5 ** 2 + 4 * 3 ** 2 + 4),
     (ssd512_vgg16_config, 37_075_166,
      4 * 64 ** 2 + 6 * 32 ** 2 + 6 * 16 ** 2 + 6 * 8 ** 2 + 4 * 6 ** 2 + 4 * 4 ** 2 + 4),
+    (ssd512_resnet50_config, 42_704_482, 4 * 32 ** 2 + 6 * 16 ** 2 + 6 * 8 ** 2 + 6 * 4 ** 2 + 4 * 2 ** 2 + 4),
 ])
-def test_ssd_vgg16_parameter_and_anchor_counts(make_config, params, anchors):
-  """SSD300: torchvision's model card (35,641,826; 8,732 anchors). SSD512: the blog's 37.08 M, on the 64, 32, 16,
-  8, 6, 4, 1 maps of torchvision's highres extractor."""
+def test_ssd_family_parameter_and_anchor_counts(make_config, params, anchors):
+  """SSD300: torchvision's model card (35,641,826; 8,732 anchors). SSD512-VGG16 and -ResNet50: the blog's 37.08 M
+  and 42.70 M, on the 64, 32, 16, 8, 6, 4, 1 maps of torchvision's highres extractor and the 32..1 maps of the
+  stride-16 ResNet50 trunk."""
   det = build_model(make_config())
   variables = jax.eval_shape(det.init, jax.random.key(0))
-  assert variables["batch_stats"] == {}
+  assert (variables["batch_stats"] == {}) == (det.config.backbone == "vgg16")
   assert sum(math.prod(x.shape) for x in jax.tree.leaves(variables["params"])) == params
   assert det.anchors.shape == (anchors, 4)
 
@@ -39,10 +42,10 @@ def test_vgg_pooling_and_l2norm_hand_computed():
   """pool3 in ceil mode takes 75 -> 38, the last window holding row/column 74 alone; pool5 (3x3, s1, p1) pads
   with -inf; L2Norm is 20 x / max(||x||, 1e-12) per pixel: 0 at an all-zero pixel, its gradient finite."""
   x = np.arange(75 * 75, dtype=np.float32).reshape(1, 75, 75, 1) - 3000.0
-  y = np.asarray(vgg.max_pool(x, 2, 2, ceil_mode=True))
+  y = np.asarray(layers.max_pool(x, 2, 2, ceil_mode=True))
   assert y.shape == (1, 38, 38, 1)
   assert y[0, 0, 0, 0] == x[0, 1, 1, 0] and y[0, 37, 37, 0] == x[0, 74, 74, 0] and y[0, 10, 37, 0] == x[0, 21, 74, 0]
-  z = np.asarray(vgg.max_pool(x, 3, 1, padding=1))
+  z = np.asarray(layers.max_pool(x, 3, 1, padding=1))
   assert z.shape == x.shape and z[0, 0, 0, 0] == x[0, 1, 1, 0]   # the corner's window is all negative inside
   norm = vgg.L2Norm()
   v = np.zeros((1, 2, 1, 3), np.float32)

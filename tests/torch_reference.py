@@ -13,21 +13,67 @@ def random_torchvision_ssdlite(num_classes=91, seed=0):
   torch.manual_seed(seed)
   model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
       weights=None, weights_backbone=None, num_classes=num_classes).eval()
+  return _randomise_bn(model, 320, seed)
+
+
+def _randomise_bn(model, size, seed):
+  """`model` (an SSD) in eval mode with random BN affine parameters, running statistics of a calibration batch
+  (normalised as the model does) times a random factor on the variance, and random counters."""
+  torch = import_or_skip("torch")
   bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  momentum = bns[0].momentum
+  mean = torch.tensor(model.transform.image_mean)[:, None, None]
+  std = torch.tensor(model.transform.image_std)[:, None, None]
   with torch.no_grad():
     for m in bns:
       m.weight.uniform_(0.5, 1.0)
       m.bias.uniform_(-0.5, 0.5)
       m.momentum = 1.0  # running stats := the calibration batch's, so every layer stays non-degenerate
     model.train()
-    calib = torch.from_numpy(smooth_images(4, 320, 320, seed).transpose(0, 3, 1, 2)) * 2 - 1
+    calib = (torch.from_numpy(smooth_images(4, size, size, seed).transpose(0, 3, 1, 2)) - mean) / std
     model.head(list(model.backbone(calib).values()))
     model.eval()
     for m in bns:
-      m.momentum = 0.03
+      m.momentum = momentum
       m.running_var.mul_(torch.empty_like(m.running_var).uniform_(1.0, 1.5))
       m.num_batches_tracked.fill_(int(torch.randint(0, 10**6, ())))
   return model
+
+
+def torch_ssd512_resnet50(seed=0):
+  """SSD512-ResNet50 of torchvision's PR #3760 as models/resnet.py reconstructs it, from torchvision's parts
+  (resnet50 with layer4's strides 1, 5 extra blocks with BN, SSDHead, DefaultBoxGenerator without steps), in
+  eval mode with randomised BN statistics."""
+  torch = import_or_skip("torch")
+  torchvision = import_or_skip("torchvision")
+  from torch import nn
+  from torchvision.models.detection import anchor_utils, ssd
+
+  class Extractor(nn.Module):
+    def __init__(self):
+      super().__init__()
+      r = torchvision.models.resnet50(weights=None)
+      r.layer4[0].conv2.stride = (1, 1)
+      r.layer4[0].downsample[0].stride = (1, 1)
+      self.features = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4)
+      def block(cin, mid, cout, k, s, p):
+        return nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                             nn.Conv2d(mid, cout, k, s, p, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+      self.extra = nn.ModuleList([block(2048, 256, 512, 3, 2, 1), block(512, 256, 512, 3, 2, 1),
+                                  block(512, 128, 256, 3, 2, 1), block(256, 128, 256, 3, 1, 0),
+                                  block(256, 128, 256, 2, 1, 0)])
+
+    def forward(self, x):
+      out = [self.features(x)]
+      for block in self.extra:
+        out.append(block(out[-1]))
+      return {str(i): v for i, v in enumerate(out)}
+
+  torch.manual_seed(seed)
+  anchors = anchor_utils.DefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+                                             scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05])
+  model = ssd.SSD(Extractor(), anchors, (512, 512), 91).eval()
+  return _randomise_bn(model, 512, seed)
 
 
 def state_dict_numpy(model):

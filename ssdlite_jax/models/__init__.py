@@ -19,10 +19,11 @@ from ssdlite_jax.models import layers
 from ssdlite_jax.models.heads import SSDLitePredictor, SSDPredictor
 from ssdlite_jax.dtypes import wide_dtype
 from ssdlite_jax.models.mobilenet_v3 import MobileNetV3SSDLite
+from ssdlite_jax.models.resnet import ResNet50SSD
 from ssdlite_jax.models.ssd import SSD
 from ssdlite_jax.models.vgg import VGG16SSD
 
-BACKBONES = {"mobilenet_v3_large": MobileNetV3SSDLite, "vgg16": VGG16SSD}
+BACKBONES = {"mobilenet_v3_large": MobileNetV3SSDLite, "vgg16": VGG16SSD, "resnet50": ResNet50SSD}
 HEADS = {"ssdlite": SSDLitePredictor, "ssd": SSDPredictor}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
@@ -87,9 +88,23 @@ def ssd512_vgg16_config() -> ml_collections.ConfigDict:
   return c
 
 
-# torchvision models whose state_dicts load without a model config: name -> model config (loading.py).
+def ssd512_resnet50_config() -> ml_collections.ConfigDict:
+  """SSD512-ResNet50 of torchvision's unmerged PR #3760 (30.2 COCO AP there), as reconstructed in
+  models/resnet.py: 42,704,482 parameters, 6,132 anchors (SSD300's ratios and scales on the 32..1 grid, no
+  steps), ImageNet mean/std on [0, 1] input (the SSD class's defaults), SSD's post-processing."""
+  c = ssd300_vgg16_config()
+  c.backbone = "resnet50"
+  c.backbone_kwargs = ml_collections.ConfigDict()
+  c.image_size = 512
+  c.image_mean = (0.485, 0.456, 0.406)
+  c.image_std = (0.229, 0.224, 0.225)
+  c.anchors.steps = ()
+  return c
+
+
+# Model configs whose torchvision-layout state_dicts load without a config: name -> config (loading.py).
 TORCHVISION_VARIANTS = {"ssdlite320_mobilenet_v3_large": default_model_config, "ssd300_vgg16": ssd300_vgg16_config,
-                        "ssd512_vgg16": ssd512_vgg16_config}
+                        "ssd512_vgg16": ssd512_vgg16_config, "ssd512_resnet50": ssd512_resnet50_config}
 
 
 @dataclasses.dataclass(frozen=True)

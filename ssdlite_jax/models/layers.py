@@ -89,6 +89,21 @@ class BatchNorm(nn.Module):
     return y
 
 
+def max_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False):
+  """torch MaxPool2d on NHWC x: -inf padding; ceil_mode pads the bottom/right so that a last, partial window
+  counts (torch's rule: it must start inside the input or the left padding)."""
+  pads = []
+  for n in x.shape[1:3]:
+    extra = 0
+    if ceil_mode:
+      out = -(-(n + 2 * padding - kernel) // stride) + 1
+      if (out - 1) * stride >= n + padding:
+        out -= 1
+      extra = max(0, (out - 1) * stride + kernel - n - 2 * padding)
+    pads.append((padding, padding + extra))
+  return nn.max_pool(x, (kernel, kernel), (stride, stride), padding=pads)
+
+
 def depthwise_conv_xla(x, kernel, stride: int, padding):
   """Depthwise conv as XLA's grouped convolution (fast on GPU/TPU)."""
   return lax.conv_general_dilated(
@@ -164,6 +179,8 @@ class ConvBNAct(nn.Module):
 
   `depthwise=True` makes the conv depthwise (channels unchanged, `features` ignored). `conv`, `depthwise_conv`
   and `norm` are the layer factories (see layer_factories); norm=None gives conv (with bias) -> activation.
+  `padding` and `kernel_init` go to the dense conv (defaults (k - 1) // 2 and conv_init); `norm_kwargs` to the
+  norm (e.g. torch's BatchNorm2d defaults for ResNet: dict(momentum=0.9, epsilon=1e-5)).
   """
   features: int
   kernel_size: int = 1
@@ -173,15 +190,19 @@ class ConvBNAct(nn.Module):
   conv: Callable = conv
   depthwise_conv: Callable = DepthwiseConv
   norm: Optional[Callable] = BatchNorm
+  padding: Optional[int] = None
+  kernel_init: Callable = conv_init
+  norm_kwargs: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     if self.depthwise:
       x = self.depthwise_conv(self.kernel_size, self.stride, name="conv")(x)
     else:
-      x = self.conv(self.features, self.kernel_size, self.stride, use_bias=self.norm is None, name="conv")(x)
+      x = self.conv(self.features, self.kernel_size, self.stride, use_bias=self.norm is None, padding=self.padding,
+                    kernel_init=self.kernel_init, name="conv")(x)
     if self.norm is not None:
-      x = self.norm(name="bn")(x, train)
+      x = self.norm(name="bn", **(self.norm_kwargs or {}))(x, train)
     act = ACTIVATIONS[self.activation]
     return x if act is None else act(x)
 

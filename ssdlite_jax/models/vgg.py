@@ -21,21 +21,6 @@ EXTRAS = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1), (128, 256, 3, 1, 0), (128, 2
 HIGHRES_EXTRA = (128, 256, 4, 1, 0)
 
 
-def max_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False):
-  """torch MaxPool2d on NHWC x: -inf padding; ceil_mode pads the bottom/right so that a last, partial window
-  counts (torch's rule: it must start inside the input or the left padding)."""
-  pads = []
-  for n in x.shape[1:3]:
-    extra = 0
-    if ceil_mode:
-      out = -(-(n + 2 * padding - kernel) // stride) + 1
-      if (out - 1) * stride >= n + padding:
-        out -= 1
-      extra = max(0, (out - 1) * stride + kernel - n - 2 * padding)
-    pads.append((padding, padding + extra))
-  return nn.max_pool(x, (kernel, kernel), (stride, stride), padding=pads)
-
-
 class L2Norm(nn.Module):
   """F.normalize(x) * scale_weight over the channel axis: x / max(||x||_2, 1e-12) * scale (per channel, init
   20); at an all-zero pixel 0 with torch's gradient scale / 1e-12, not NaN."""
@@ -66,10 +51,10 @@ class VGG16SSD(nn.Module):
       if s == 5:
         features.append(L2Norm(name="conv4_3_norm")(x))
       if s > 1:
-        x = max_pool(x, 2, 2, ceil_mode=s == 4)
+        x = layers.max_pool(x, 2, 2, ceil_mode=s == 4)
       for i, width in enumerate(widths, start=1):
         x = conv_relu(x, width, 3, f"conv{s}_{i}", init=layers.kaiming_fan_out)
-    x = max_pool(x, 3, 1, padding=1)
+    x = layers.max_pool(x, 3, 1, padding=1)
     x = conv_relu(x, 1024, 3, "fc6", padding=6, dilation=6)
     x = conv_relu(x, 1024, 1, "fc7")
     features.append(x)

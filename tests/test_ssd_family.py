@@ -1,7 +1,8 @@
-"""SSD300-VGG16 against live torchvision 0.29.1 ssd300_vgg16(weights=None, weights_backbone=None), and SSD512-VGG16
-against the same parts assembled at 512 (torchvision has no builder): layout, anchors, forward and porting for
-both; for SSD300 also one SGD step through our train step (a model without batch_stats), end-to-end detections
-and the ImageNet backbone import."""
+"""The SSD family against live torchvision 0.29.1: SSD300-VGG16 = ssd300_vgg16(weights=None, weights_backbone=None);
+SSD512-VGG16 = the same parts at 512 (torchvision has no builder); SSD512-ResNet50 = PR #3760's network rebuilt
+from torchvision's parts (tests/torch_reference.py). Layout, anchors, forward and porting for all three; for SSD300
+also one SGD step through our train step (a model without batch_stats), end-to-end detections and the ImageNet
+backbone import; for SSD512-ResNet50 a falling loss over a few steps."""
 
 import jax
 import numpy as np
@@ -11,11 +12,11 @@ from ssdlite_jax import optim, porting
 from ssdlite_jax.distributed import make_mesh, shard_batch
 from ssdlite_jax.inference import Predictor
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import build_model, ssd300_vgg16_config, ssd512_vgg16_config
+from ssdlite_jax.models import build_model, ssd300_vgg16_config, ssd512_resnet50_config, ssd512_vgg16_config
 from ssdlite_jax.train_step import create_train_state, make_train_step
 from tests.helpers import import_or_skip
 from tests.test_model_parity import assert_same_detections
-from tests.torch_reference import smooth_images, state_dict_numpy, to_nchw
+from tests.torch_reference import smooth_images, state_dict_numpy, to_nchw, torch_ssd512_resnet50
 
 pytestmark = pytest.mark.torch
 
@@ -53,6 +54,8 @@ VARIANTS = {
     "ssd512_vgg16": (ssd512_vgg16_config, _torch_ssd512, 37_075_166, 79,
                      [(64, 64, 512), (32, 32, 1024), (16, 16, 512), (8, 8, 256), (6, 6, 256), (4, 4, 256),
                       (1, 1, 256)]),
+    "ssd512_resnet50": (ssd512_resnet50_config, torch_ssd512_resnet50, 42_704_482, 402,
+                        [(32, 32, 2048), (16, 16, 512), (8, 8, 512), (4, 4, 256), (2, 2, 256), (1, 1, 256)]),
 }
 
 
@@ -82,7 +85,7 @@ def test_parameters_anchors_and_state_dict_layout(variant):
   name, model, det, _ = variant
   _, _, num_params, num_keys, maps = VARIANTS[name]
   variables = jax.eval_shape(det.init, jax.random.key(0))
-  assert variables["batch_stats"] == {}
+  assert (variables["batch_stats"] == {}) == (det.config.backbone == "vgg16")   # VGG has no BatchNorm
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"])) == num_params
   assert sum(p.numel() for p in model.parameters()) == num_params
   ref = model.state_dict()
@@ -91,7 +94,7 @@ def test_parameters_anchors_and_state_dict_layout(variant):
   feats = [torch.zeros(1, c, h, w) for h, w, c in maps]
   want = model.anchor_generator(ImageList(torch.zeros(1, 3, size, size), [(size, size)]), feats)[0].numpy()
   np.testing.assert_array_equal(det.anchors, want)   # bit-exact
-  assert len(want) == {"ssd300_vgg16": 8732, "ssd512_vgg16": 24660}[name]
+  assert len(want) == {"ssd300_vgg16": 8732, "ssd512_vgg16": 24660, "ssd512_resnet50": 6132}[name]
 
 
 def test_feature_maps_and_heads(variant):
@@ -182,7 +185,6 @@ def test_porting_round_trip_and_variant_from_the_keys(variant, tmp_path):
     porting.save_state_dict(back, str(tmp_path / f"{name}.{fmt}"))
     loaded, got, step = load_detector(str(tmp_path / f"{name}.{fmt}"))
     assert step is None and loaded.config.to_dict() == VARIANTS[name][0]().to_dict()
-    assert got["batch_stats"] == {}
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(variables)):
       np.testing.assert_array_equal(a, b)
 
@@ -213,3 +215,54 @@ def test_imagenet_backbone_import(ported, tmp_path):
     np.testing.assert_array_equal(ours[k], ref[src].numpy() if src else before[k], err_msg=k)
   with pytest.raises(ValueError, match=r"missing key features\.28\.bias"):
     porting.import_backbone({k: v.numpy() for k, v in ref.items() if k != "features.28.bias"}, det, variables)
+
+
+def test_ssd512_resnet50_loss_falls():
+  """Three SGD steps on one batch (train-mode BN, per-device statistics) from torchvision's init: the loss falls
+  and the BN running statistics move."""
+  det = build_model(ssd512_resnet50_config())
+  config = optim.default_optim_config()
+  config.update(learning_rate=0.01, base_batch_size=2, batch_size=2, weight_decay=5e-4, warmup_iters=0)
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch=100)
+  mesh = make_mesh(jax.devices()[:1])
+  state = create_train_state(det, tx, jax.random.key(0), mesh)
+  before = jax.device_get(state.batch_stats)
+  boxes = BOXES * (512 / 300)
+  batch = shard_batch(dict(image=smooth_images(2, 512, 512, seed=4), boxes=boxes, labels=LABELS, mask=MASK), mesh)
+  step = make_train_step(det, tx, schedule, mesh)
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses).all() and losses[2] < losses[1] < losses[0], losses
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, jax.device_get(state.batch_stats))
+  assert all(jax.tree.leaves(moved))
+
+
+def test_resnet50_imagenet_backbone_import():
+  """torchvision's resnet50() state_dict (the layout of resnet50-0676ba61.pth): the trunk, BN statistics included,
+  lands in backbone.features (conv1 -> .0, bn1 -> .1, layer{s} -> .{3 + s}); fc, extras and heads are untouched."""
+  torch = import_or_skip("torch")
+  torchvision = import_or_skip("torchvision")
+  det = build_model(ssd512_resnet50_config())
+  variables = det.init(jax.random.key(0))
+  torch.manual_seed(4)
+  resnet = torchvision.models.resnet50(weights=None)
+  with torch.no_grad():
+    for m in resnet.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.uniform_(-1, 1)
+        m.num_batches_tracked.fill_(7)
+  ref = state_dict_numpy(resnet)
+  got, count = porting.import_backbone(ref, det, variables)
+  assert count == len(ref) - 2 == 318   # all but fc.weight, fc.bias
+  ours, before = porting.flax_to_torch(got, det), porting.flax_to_torch(variables, det)
+  def source(key):   # our torch key -> the resnet50 key it comes from, or None
+    parts = key.split(".")
+    if parts[1] != "features":
+      return None
+    index, rest = int(parts[2]), ".".join(parts[3:])
+    return {0: "conv1", 1: "bn1"}.get(index, f"layer{index - 3}") + "." + rest
+  for k in ours:
+    want = ref[source(k)] if source(k) else before[k]
+    np.testing.assert_array_equal(ours[k], want, err_msg=k)
