@@ -6,13 +6,15 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ssdlite_jax import checkpoint, optim
 from ssdlite_jax.distributed import make_mesh, shard_batch
-from ssdlite_jax.models import build_model, default_model_config
-from ssdlite_jax.train_step import create_train_state, make_train_step
+from ssdlite_jax.models import build_model, default_model_config, ssd300_vgg16_config
+from ssdlite_jax.train_step import TrainState, create_train_state, make_train_step
 from tests.torch_reference import smooth_images
 
 
@@ -69,3 +71,26 @@ def test_checkpoint_from_more_devices_loads_on_one(tmp_path):
   assert step == 5 and cfg.num_classes == 91
   np.testing.assert_array_equal(variables["params"]["a"], np.arange(6, dtype=np.float32))
   assert int(variables["batch_stats"]["n"]) == 3
+
+
+def test_model_without_batch_norm_round_trips(tmp_path):
+  """A VGG model's state has batch_stats {}: it saves, restores and loads as {}, and its model config comes back
+  as saved (its backbone_kwargs not merged with the default MobileNet's)."""
+  config = ssd300_vgg16_config()
+  tx = optax.sgd(0.1, momentum=0.9)
+  params = {"backbone": {"conv1_1": {"kernel": jnp.arange(6, dtype=jnp.float32).reshape(1, 1, 2, 3)}}}
+  state = TrainState(step=jnp.int32(4), params=params, batch_stats={}, opt_state=tx.init(params),
+                     rng=jax.random.key(3))
+  with checkpoint.train_manager(str(tmp_path / "ckpt"), keep=2) as mngr:
+    checkpoint.save_train_state(mngr, state, config)
+    mngr.wait_until_finished()
+  blank = state.replace(step=jnp.int32(0), params=jax.tree.map(jnp.zeros_like, params))
+  with checkpoint.train_manager(str(tmp_path / "ckpt"), keep=2) as mngr:
+    restored = checkpoint.restore_train_state(mngr, blank, 4)
+  assert int(restored.step) == 4 and restored.batch_stats == {}
+  np.testing.assert_array_equal(restored.params["backbone"]["conv1_1"]["kernel"],
+                                params["backbone"]["conv1_1"]["kernel"])
+  variables, loaded, step = checkpoint.load_variables(str(tmp_path / "ckpt"))
+  assert step == 4 and variables["batch_stats"] == {} and set(variables) == {"params", "batch_stats"}
+  assert loaded.backbone == "vgg16" and loaded.backbone_kwargs.to_dict() == {"highres": False}
+  assert build_model(loaded).anchors.shape == (8732, 4)
