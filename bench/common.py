@@ -71,6 +71,25 @@ def emit(result):
   print("RESULT " + json.dumps(result), flush=True)
 
 
+# The variants torchvision has a builder for (torchvision.models.detection.<name>): benchmarked side by side.
+# Names only: a torch worker must not import jax (its peak RSS is measured).
+BUILDERS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16")
+
+
+def torchvision_detector(name: str, num_classes: int):
+  """torchvision's builder `name` with weights=None, weights_backbone=None (fresh from-scratch init)."""
+  import torchvision
+  return getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None, num_classes=num_classes)
+
+
+def our_model_config(name: str, num_classes: int):
+  """The registered model config of variant `name` with `num_classes`."""
+  from ssdlite_jax.models import TORCHVISION_VARIANTS
+  cfg = TORCHVISION_VARIANTS[name]()
+  cfg.num_classes = num_classes
+  return cfg
+
+
 def synthetic_train_batch(batch: int, size: int = 320, num_classes: int = 91, max_boxes: int = 4, seed: int = 0):
   """Smooth random images [B, size, size, 3] float32 in [0, 1] and 1..max_boxes boxes per image.
 

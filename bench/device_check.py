@@ -30,14 +30,14 @@ SMOKE = dict(batches=(2,), steps=2, warmup=1, runs=3, throughput_batch=2, throug
 
 def _train_args(batch, sizes, **overrides):
   args = dict(model="ssdlite320_mobilenet_v3_large", batch=batch, steps=sizes["steps"], warmup=sizes["warmup"],
-              num_classes=91, kernels="auto",
-              dtype="float32", seed=0, amp=False, channels_last=False)
+              num_classes=91, kernels="auto", dtype="float32", seed=0, amp=False, channels_last=False)
   return types.SimpleNamespace(**dict(args, **overrides))
 
 
 def _inference_args(sizes):
-  return types.SimpleNamespace(runs=sizes["runs"], throughput_batch=sizes["throughput_batch"],
-                               throughput_runs=sizes["throughput_runs"], num_classes=91, seed=0)
+  return types.SimpleNamespace(model="ssdlite320_mobilenet_v3_large", runs=sizes["runs"],
+                               throughput_batch=sizes["throughput_batch"], throughput_runs=sizes["throughput_runs"],
+                               num_classes=91, seed=0)
 
 
 def loss_curves(num_steps: int, batch: int, num_batches: int = 4):

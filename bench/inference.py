@@ -1,14 +1,15 @@
-"""End-to-end inference: our Predictor vs torchvision's ssdlite320_mobilenet_v3_large (eval), CPU or any backend.
+"""End-to-end inference: our Predictor vs torchvision's model in eval mode (SSDlite320 or SSD300), CPU or any backend.
 
-  python -m bench.inference [--runs 30] [--throughput_batch 32] [--num_classes 91]
+  python -m bench.inference [--model ssdlite320_mobilenet_v3_large | ssd300_vgg16] [--runs 30]
+                            [--throughput_batch 32] [--num_classes 91]
 
 uint8 480x640 RGB images -> detections, resize and NMS included: batch-1 latency (median of --runs calls after
 warm-up) and images/s at --throughput_batch; torchvision in eval mode under torch.inference_mode with the
 uint8 -> float conversion inside the timing, same thread count (each framework in its own subprocess).
 Also: our compile time per batch size, and the post-processing share (the jitted postprocess alone on real
 head outputs of the benchmark images, relative to our batch-1 end-to-end latency). Weights are random (fresh
-init): scores are near 1/num_classes > score_thresh 0.001, so every class keeps 300 candidates for NMS in both
-frameworks (the worst case for post-processing).
+init): for SSDlite scores are near 1/num_classes > score_thresh 0.001, so every class keeps 300 candidates for
+NMS in both frameworks (the worst case for post-processing).
 Prints a table and one JSON line.
 """
 
@@ -22,12 +23,10 @@ from bench import common
 
 def worker_torch(args):
   import torch
-  import torchvision
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
-      weights=None, weights_backbone=None, num_classes=args.num_classes).eval().to(device)
+  model = common.torchvision_detector(args.model, args.num_classes).eval().to(device)
   images = common.synthetic_uint8_images(max(args.throughput_batch, 1), 480, 640, seed=args.seed)
 
   def run(batch):
@@ -53,10 +52,8 @@ def worker_jax(args):
   from ssdlite_jax import postprocess
   from ssdlite_jax.detect import postprocess_kwargs
   from ssdlite_jax.inference import Predictor
-  from ssdlite_jax.models import build_model, default_model_config
-  cfg = default_model_config()
-  cfg.num_classes = args.num_classes
-  detector = build_model(cfg)
+  from ssdlite_jax.models import build_model
+  detector = build_model(common.our_model_config(args.model, args.num_classes))
   variables = detector.init(jax.random.PRNGKey(0))
   images = common.synthetic_uint8_images(max(args.throughput_batch, 1), 480, 640, seed=args.seed)
   pred1 = Predictor(detector, variables, batch_size=1)
@@ -93,6 +90,7 @@ def worker_jax(args):
 
 def main():
   p = argparse.ArgumentParser()
+  p.add_argument("--model", default="ssdlite320_mobilenet_v3_large", choices=common.BUILDERS)
   p.add_argument("--runs", type=int, default=30)
   p.add_argument("--throughput_batch", type=int, default=32)
   p.add_argument("--throughput_runs", type=int, default=3)
@@ -100,7 +98,7 @@ def main():
   p.add_argument("--seed", type=int, default=0)
   common.add_worker_flags(p)
   args = p.parse_args()
-  fwd = ["--runs", args.runs, "--throughput_batch", args.throughput_batch, "--throughput_runs",
+  fwd = ["--model", args.model, "--runs", args.runs, "--throughput_batch", args.throughput_batch, "--throughput_runs",
          args.throughput_runs, "--num_classes", args.num_classes, "--seed", args.seed]
   results = common.ours_and_torchvision(__spec__.name, args, fwd, worker_jax, worker_torch)
   if results is None:
@@ -108,7 +106,7 @@ def main():
   ours, tv = results
   nan = float("nan")
   g = lambda r, k, s=1.0: r[k] * s if r else nan
-  print(f"inference, uint8 480x640 -> detections, {args.num_classes} classes, {os.cpu_count()} CPUs")
+  print(f"{args.model} inference, uint8 480x640 -> detections, {args.num_classes} classes, {os.cpu_count()} CPUs")
   print(f"{'':<28}{'ours':>10}{'torchvision':>14}{'ratio':>8}")
   for name, k, s in [("latency bs1 ms (median)", "latency_s", 1e3),
                      (f"throughput bs{args.throughput_batch} img/s", "throughput_ips", 1.0),
@@ -121,7 +119,7 @@ def main():
           f"({ours['postprocess_share'] * 100:.0f}% of end-to-end)")
     print(f"{'compile s bs1 / bs' + str(args.throughput_batch):<28}{ours['compile_bs1_s']:>10.1f}"
           f"{ours['compile_bs%d_s' % args.throughput_batch]:>14.1f}")
-  print(json.dumps({"bench": "inference", "image": [480, 640], "num_classes": args.num_classes,
+  print(json.dumps({"bench": "inference", "model": args.model, "image": [480, 640], "num_classes": args.num_classes,
                     "cpus": os.cpu_count(), "ours": ours, "torchvision": tv,
                     "latency_ratio": (ours["latency_s"] / tv["latency_s"]) if ours and tv else None,
                     "throughput_ratio": (ours["throughput_ips"] / tv["throughput_ips"]) if ours and tv else None}))

@@ -17,22 +17,17 @@ import os
 import time
 
 from bench import common
-from ssdlite_jax.models import TORCHVISION_VARIANTS
-
-BUILDERS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16")   # the variants torchvision has a builder for
 
 
 def worker_torch(args):
   import contextlib
   import torch
-  import torchvision
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  size = TORCHVISION_VARIANTS[args.model]().image_size
+  model = common.torchvision_detector(args.model, args.num_classes).train().to(device)
+  size = model.transform.min_size[0]
   images, boxes, labels, mask = common.synthetic_train_batch(args.batch, size, args.num_classes, seed=args.seed)
-  model = getattr(torchvision.models.detection, args.model)(
-      weights=None, weights_backbone=None, num_classes=args.num_classes).train().to(device)
   if args.channels_last:
     model = model.to(memory_format=torch.channels_last)
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
@@ -64,8 +59,7 @@ def worker_jax(args):
   from ssdlite_jax.models import build_model
   from ssdlite_jax.distributed import make_mesh, shard_batch
   from ssdlite_jax.train_step import create_train_state, make_train_step
-  cfg = TORCHVISION_VARIANTS[args.model]()
-  cfg.num_classes = args.num_classes
+  cfg = common.our_model_config(args.model, args.num_classes)
   cfg.kernels = args.kernels
   cfg.dtype = args.dtype
   detector = build_model(cfg)
@@ -109,7 +103,7 @@ def _step_megabytes(memory):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--model", default="ssdlite320_mobilenet_v3_large", choices=sorted(BUILDERS))
+  p.add_argument("--model", default="ssdlite320_mobilenet_v3_large", choices=common.BUILDERS)
   p.add_argument("--batch", type=int, default=24, help="per-device batch")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
@@ -129,7 +123,7 @@ def main():
     return
   ours, tv = results
   ips = lambda r: args.batch / r["step_s"] if r else float("nan")
-  size = TORCHVISION_VARIANTS[args.model]().image_size
+  size = common.our_model_config(args.model, args.num_classes).image_size
   print(f"{args.model} train step, batch {args.batch}, {size}x{size}, {args.num_classes} classes, "
         f"{os.cpu_count()} CPUs")
   print(f"{'':<22}{'ours':>12}{'torchvision':>14}{'ratio':>10}")
