@@ -20,7 +20,7 @@ import io
 import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -87,15 +87,22 @@ def to_coco_results(dets, label_to_category_id) -> List[Dict]:
 
 
 def coco_metrics(results: List[Dict], gt_json: str, image_ids=None) -> Dict[str, float]:
-  """Runs COCOeval (bbox) and prints what COCOeval.summarize() prints; {name: value} of the 12 stats.
-  An empty results list gives zeros (with a warning) instead of pycocotools' crash. image_ids: the images
-  to evaluate (default: all of the ground truth)."""
+  """{name: value} of the 12 COCO bbox stats (see coco_evaluation)."""
+  return coco_evaluation(results, gt_json, image_ids)[0]
+
+
+def coco_evaluation(results: List[Dict], gt_json: str, image_ids=None) -> Tuple[Dict[str, float], List[Dict]]:
+  """Runs COCOeval (bbox) and prints what COCOeval.summarize() prints. Returns ({name: value} of the 12 stats,
+  per class [{"category_id", "name", "AP", "AP50"}] from the same COCOeval's accumulated precision [T, R, K, A, M]
+  at area 'all' and 100 detections, as summarize() averages it over classes; -1 for a class with no ground
+  truth). An empty results list gives zeros (with a warning) instead of pycocotools' crash. image_ids: the
+  images to evaluate (default: all of the ground truth)."""
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
 
   if not results:
     logging.warning("no detections: COCO metrics are all 0")
-    return {name: 0.0 for name in METRIC_NAMES}
+    return {name: 0.0 for name in METRIC_NAMES}, []
   with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' loading / timing chatter
     gt = COCO(gt_json)
     dt = gt.loadRes([dict(r) for r in results])   # loadRes mutates its input
@@ -105,7 +112,23 @@ def coco_metrics(results: List[Dict], gt_json: str, image_ids=None) -> Dict[str,
     coco_eval.evaluate()
     coco_eval.accumulate()
   coco_eval.summarize()
-  return {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}
+  precision = coco_eval.eval["precision"][:, :, :, 0, -1]   # [IoU thresholds, recalls, classes]
+
+  def mean(p):
+    p = p[p > -1]
+    return float(p.mean()) if p.size else -1.0
+  per_class = [{"category_id": int(c), "name": gt.cats[c]["name"], "AP": mean(precision[:, :, k]),
+                "AP50": mean(precision[0, :, k])} for k, c in enumerate(coco_eval.params.catIds)]
+  return {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}, per_class
+
+
+def format_per_class(per_class: List[Dict]) -> str:
+  """A table of per-class AP and AP50 (classes without ground truth shown as '-')."""
+  width = max([len("class")] + [len(r["name"]) for r in per_class])
+  cell = lambda v: f"{v:8.3f}" if v >= 0 else f"{'-':>8}"
+  rows = [f"{'class':<{width}}{'AP':>8}{'AP50':>8}"]
+  rows += [f"{r['name']:<{width}}{cell(r['AP'])}{cell(r['AP50'])}" for r in per_class]
+  return "\n".join(rows)
 
 
 def _broadcast(metrics: Optional[Dict[str, float]]) -> Dict[str, float]:
@@ -124,7 +147,8 @@ def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: 
   pipeline.create_eval_dataset makes them: image, orig_size, image_id, valid), against gt_json.
 
   Every process must call it (collective gather); process 0 runs COCOeval, prints its summary and, with
-  out_dir, writes out_dir/detections.json (COCO results format) and out_dir/metrics.json; all processes
+  out_dir, writes out_dir/detections.json (COCO results format), out_dir/metrics.json and out_dir/per_class.json
+  (per-class AP and AP50, also printed as a table); all processes
   return the same metrics. Images of gt_json that were not evaluated are logged and left out of the metrics.
   """
   local = _collect(detect_fn, variables, eval_batches)
@@ -148,8 +172,12 @@ def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: 
       os.makedirs(out_dir, exist_ok=True)
       with open(os.path.join(out_dir, "detections.json"), "w") as f:
         json.dump(results, f)
-    metrics = coco_metrics(results, gt_json, image_ids)
+    metrics, per_class = coco_evaluation(results, gt_json, image_ids)
+    if per_class:
+      print(format_per_class(per_class))
     if out_dir:
       with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+      with open(os.path.join(out_dir, "per_class.json"), "w") as f:
+        json.dump(per_class, f, indent=2)
   return _broadcast(metrics)

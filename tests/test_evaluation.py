@@ -1,5 +1,7 @@
 """COCO evaluation: parity with torchvision + pycocotools, hand-checkable cases, label mapping, eval.py."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -86,7 +88,8 @@ def parity_setup(tmp_path_factory):
                "annotations": _ground_truth(outputs, np.random.default_rng(0))}, f)
   weights = os.path.join(root, "weights.pth")
   torch.save(model.state_dict(), weights)
-  reference = evaluation.coco_metrics(_coco_results([im["id"] for im in images], outputs), gt_json)
+  results = _coco_results([im["id"] for im in images], outputs)
+  reference = evaluation.coco_metrics(results, gt_json)
 
   config = synthetic_config.get_config()
   config.model.num_classes = NUM_CLASSES
@@ -94,7 +97,33 @@ def parity_setup(tmp_path_factory):
   config.data.update(name="coco_folder", root=root, val_ann="annotations/instances_val.json",
                      label_mode="category_id", num_parallel_calls=1,
                      data_dir=str(tmp_path_factory.mktemp("tfds")))
-  return {"config": config, "weights": weights, "reference": reference, "root": root, "gt_json": gt_json}
+  return {"config": config, "weights": weights, "reference": reference, "root": root, "gt_json": gt_json,
+          "results": results}
+
+
+@pytest.mark.torch
+def test_per_class_ap_equals_pycocotools_per_category(parity_setup):
+  """Each class's AP and AP50 (read from the one COCOeval's precision array) equal a pycocotools evaluation run
+  for that category alone."""
+  from pycocotools.coco import COCO
+  from pycocotools.cocoeval import COCOeval
+  results, gt_json = parity_setup["results"], parity_setup["gt_json"]
+  metrics, per_class = evaluation.coco_evaluation(results, gt_json)
+  assert metrics == pytest.approx(parity_setup["reference"])
+  with contextlib.redirect_stdout(io.StringIO()):
+    gt = COCO(gt_json)
+    for row in per_class:
+      one = COCOeval(gt, gt.loadRes([dict(r) for r in results]), iouType="bbox")
+      one.params.catIds = [row["category_id"]]
+      one.evaluate()
+      one.accumulate()
+      one.summarize()
+      assert row["name"] == f"class{row['category_id']}"
+      assert (row["AP"], row["AP50"]) == pytest.approx((one.stats[0], one.stats[1]), abs=1e-12), row
+  scored = [r["AP"] for r in per_class if r["AP"] >= 0]
+  assert len(scored) >= 3 and any(0 < ap < 1 for ap in scored)
+  table = evaluation.format_per_class(per_class).splitlines()
+  assert table[0].split() == ["class", "AP", "AP50"] and len(table) == len(per_class) + 1
 
 
 @pytest.mark.tf

@@ -4,15 +4,19 @@ JAX's persistent compilation cache."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+import ssdlite_jax
 from ssdlite_jax import checkpoint
+from ssdlite_jax.models import build_model
 from tests.helpers import train_command
 
 STEPS = 6
@@ -61,6 +65,15 @@ def test_short_run_trains_evaluates_and_logs(full_run):
   first, last = np.mean([losses[1], losses[2]]), np.mean([losses[s] for s in range(STEPS - 2, STEPS + 1)])
   assert last < 0.95 * first, losses
   assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in proc.stdout
+  # absl's INFO lines ("I1201 19:14:35.31 1400 writer.py:444] ...") come from our files only (no orbax/TFDS/jax).
+  info_sources = set(re.findall(r"^I\d{4} [\d:.]+\s+\d+ ([\w.]+):\d+\]", proc.stderr, re.M))
+  ours = {name for _, _, files in os.walk(os.path.dirname(ssdlite_jax.__file__)) for name in files}
+  assert "train.py" in info_sources and info_sources <= ours, info_sources - ours
+  # The start-up summary: 24 images / batch 4 = 6 steps per epoch; the 4-class model's parameter count.
+  model = json.load(open(os.path.join(workdir, "config.json")))["model"]
+  params = jax.eval_shape(build_model(ml_collections.ConfigDict(model)).init, jax.random.key(0))["params"]
+  assert f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters" in proc.stderr
+  assert "global batch 4, 6 steps per epoch, 6 steps; sgd lr 0.01" in proc.stderr
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     evals = [json.loads(line) for line in f if "eval/AP" in line]
   assert evals and 0.0 <= evals[-1]["eval/AP"] <= 1.0 and evals[-1]["step"] == STEPS

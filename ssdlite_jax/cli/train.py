@@ -190,7 +190,6 @@ def train(config, workdir):
   mngr = checkpoint.train_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   if mngr.latest_step() is not None:
     state = checkpoint.restore_train_state(mngr, state, mngr.latest_step())
-    logging.info("resumed from step %d", int(state.step))
   start = int(state.step)
   data = pipeline.create_train_dataset(source, global_batch_size=config.batch_size,
                                        image_size=detector.image_size, seed=config.seed, start_step=start)
@@ -209,15 +208,44 @@ def train(config, workdir):
   logger = Logger(workdir)
   run = Run(config, workdir, detector, source, step_fn, data, make_detect_fn(detector), eval_batches, mngr,
             logger, stop, steps_per_epoch, total_steps)
-  logging.info("model %s/%s, %d classes, kernels %r, %d devices; %d steps of %d images",
-               config.model.backbone, config.model.head, config.model.num_classes, detector.kernels, mesh.size,
-               total_steps, config.batch_size)
+  for line in run_summary(config, workdir, source, detector, state, mesh, steps_per_epoch, total_steps, start):
+    logging.info("%s", line)
   try:
     return _loop(run, state)
   finally:
     mngr.wait_until_finished()
     mngr.close()
     logger.close()
+
+
+def run_summary(config, workdir, source, detector, state, mesh, steps_per_epoch, total_steps, start):
+  """The start-up lines: where it runs, on what data, which model, how long, from where."""
+  variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.variables)
+  image = jax.ShapeDtypeStruct((1,) + detector.image_size + (3,), jnp.float32)
+  cost = jax.jit(lambda v, x: detector.module.apply(v, x)).lower(variables, image).cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  splits = source.builder.info.splits
+  optim = config.optim
+  lines = [
+      f"devices: {mesh.size} x {mesh.devices.flat[0].platform} in {jax.process_count()} process(es), mesh "
+      f"{dict(mesh.shape)}, model.kernels {detector.kernels!r}",
+      f"data: {config.data.name!r}, {config.model.num_classes - 1} classes; "
+      + ", ".join(f"{name} {splits[name].num_examples} images"
+                  for name in (source.info.train_split, source.info.eval_split)),
+      f"model: {config.model.backbone} + {config.model.head} head, {config.model.image_size} px, "
+      f"{sum(x.size for x in jax.tree.leaves(variables['params'])):,} parameters, "
+      f"{cost.get('flops', float('nan')) / 1e9:.2f} GFLOP per image (forward, XLA's count), "
+      f"{len(detector.anchors):,} anchors, dtype {config.model.dtype}",
+      f"schedule: global batch {config.batch_size}, {steps_per_epoch} steps per epoch, {total_steps} steps; "
+      f"{optim.optimizer} lr {optim.learning_rate * config.batch_size / optim.base_batch_size:g} "
+      f"({optim.learning_rate:g} x {config.batch_size}/{optim.base_batch_size}), weight decay "
+      f"{optim.weight_decay:g}, warmup {min(optim.warmup_iters, steps_per_epoch - 1)} steps, "
+      + (f"x{optim.gamma:g} at epochs {tuple(optim.milestones)}" if optim.schedule == "multistep"
+         else f"cosine over {optim.num_epochs} epochs")
+      + (f"; frozen: {', '.join(optim.frozen)}" if optim.frozen else ""),
+      f"workdir: {workdir}" + (f"; resumed from its checkpoint of step {start}" if start else ""),
+  ]
+  return lines
 
 
 def _loop(run, state):
