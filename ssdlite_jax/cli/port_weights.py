@@ -17,7 +17,7 @@ import ml_collections
 
 from ssdlite_jax import checkpoint, porting
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import build_model
+from ssdlite_jax.models import build_model, variant_name
 
 
 def to_flax(args):
@@ -48,9 +48,13 @@ def to_torch(args):
   cfg = detector.config
   state_dict = porting.flax_to_torch(variables, detector)
   porting.save_state_dict(state_dict, args.out)
-  print(f"wrote {args.out} ({len(state_dict)} tensors from step {step}); load it with "
-        f"torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, "
-        f"num_classes={cfg.num_classes}).load_state_dict(...)")
+  name = variant_name(cfg)
+  if name in ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16"):
+    how = (f"torchvision.models.detection.{name}(weights=None, weights_backbone=None, "
+           f"num_classes={cfg.num_classes}).load_state_dict(...)")
+  else:   # torchvision has no builder (README: The SSD family)
+    how = f"load_state_dict(...) on a torch SSD built as {name or 'this architecture'} ({cfg.num_classes} classes)"
+  print(f"wrote {args.out} ({len(state_dict)} tensors from step {step}); load it with {how}")
 
 
 def main(argv=None):

@@ -107,6 +107,12 @@ TORCHVISION_VARIANTS = {"ssdlite320_mobilenet_v3_large": default_model_config, "
                         "ssd512_vgg16": ssd512_vgg16_config, "ssd512_resnet50": ssd512_resnet50_config}
 
 
+def variant_name(config: ml_collections.ConfigDict) -> Optional[str]:
+  """The TORCHVISION_VARIANTS name with the architecture (backbone, its options, head) of `config`, or None."""
+  arch = lambda c: (c.backbone, c.head, c.backbone_kwargs.to_dict())
+  return next((name for name, make in TORCHVISION_VARIANTS.items() if arch(make()) == arch(config)), None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Detector:
   """A built model: the Flax module, its anchors [A, 4] xyxy px (numpy float32; float64 for a float64 model),
