@@ -268,3 +268,23 @@ def test_resnet50_imagenet_backbone_import():
   for k in ours:
     want = ref[source(k)] if source(k) else before[k]
     np.testing.assert_array_equal(ours[k], want, err_msg=k)
+
+
+def test_ssd300_from_scratch_init_matches_torchvision(torch_model):
+  """Our fresh init draws each tensor as torchvision's: per tensor the same spread (kaiming-normal fan_out for the
+  13 VGG convs, xavier-uniform with its bound for fc6/fc7, extras and heads), zero biases, scale_weight 20."""
+  det = build_model(ssd300_vgg16_config())
+  ours = porting.flax_to_torch(det.init(jax.random.key(0)), det)
+  ref = state_dict_numpy(torch_model)
+  for k, want in ref.items():
+    got = ours[k]
+    if want.ndim == 1:
+      np.testing.assert_array_equal(got, want, err_msg=k)   # biases 0, scale_weight 20: deterministic
+      continue
+    assert abs(got.std() / want.std() - 1) < 0.05, (k, got.std(), want.std())
+    assert abs(got.mean()) < 0.05 * want.std(), k
+    vgg_conv = k.startswith("backbone.features.") or k.split(".")[:4] in (
+        ["backbone", "extra", "0", i] for i in ("1", "3", "5"))          # conv1_1..conv5_3: kaiming normal
+    if not vgg_conv:   # xavier-uniform U(-a, a): both maxima just under a
+      bound = np.abs(want).max()
+      assert 0.99 * bound < np.abs(got).max() <= 1.001 * bound, k
