@@ -110,7 +110,7 @@ def test_feature_maps_and_heads(variant):
   ours, out = jax.jit(lambda v, x: (det.module.apply(v, x, method=det.module.feature_maps),
                                     det.module.apply(v, x)))(variables, x)
   assert [f.shape[1:] for f in ours] == VARIANTS[name][4]
-  # Inputs are 0-255 minus the mean, so compare relative to each map's largest value (measured 3.7e-6 at most).
+  # Inputs are 0-255 minus the mean, so compare relative to each map's largest value (measured 4.5e-6 at most).
   for i, (a, b) in enumerate(zip(ours, feats)):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * np.abs(b).max(), err_msg=f"feature map {i}")
   for k in ("cls_logits", "bbox_regression"):
