@@ -65,6 +65,37 @@ def folder_config(root: str, train_ann: str, val_ann: str = "", train_images: st
   return CocoFolderConfig(name=name, version="1.0.0", splits=tuple(splits))
 
 
+def write_instances_json(path: str, images, annotations, categories) -> str:
+  """Writes a COCO instances json atomically, and only when its content changes (its mtime is part of the
+  prepared data's name: see folder_config). Returns path."""
+  text = json.dumps({"images": images, "annotations": annotations, "categories": categories})
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
+
+
+def split_summary(name: str, images, annotations, categories) -> str:
+  """'name: N images (K without objects), M boxes: cat a, ...' of COCO lists (crowd boxes counted apart)."""
+  counts = {c["id"]: 0 for c in categories}
+  crowd = 0
+  for a in annotations:
+    if a.get("iscrowd"):
+      crowd += 1
+    else:
+      counts[a["category_id"]] += 1
+  background = len(images) - len({a["image_id"] for a in annotations})
+  per_class = ", ".join(f"{c['name']} {counts[c['id']]}" for c in categories)
+  return (f"{name}: {len(images)} images ({background} without objects), {sum(counts.values())} boxes"
+          + (f" (+{crowd} ignored)" if crowd else "") + f": {per_class}")
+
+
 def load_annotations(ann_path: str) -> dict:
   """Parses and validates a COCO instances json; returns {'categories': [(id, name)], 'images': [...],
   'anns_by_image': {image_id: [ann, ...]}}. Raises CocoFormatError naming the file / annotation id."""

@@ -7,12 +7,15 @@ import ml_collections
 def default_data_config() -> ml_collections.ConfigDict:
   """Defaults of `config.data`.
 
-  name: 'synthetic' | 'coco_folder' | 'coco/2017'.
+  name: 'synthetic' | 'coco_folder' | 'yolo' | 'voc' | 'coco/2017' (yolo and voc are converted to COCO jsons
+    under data_dir/converted, then prepared as coco_folder).
   data_dir: TFDS data dir for prepared data (and the generated synthetic folder).
   manual_dir: coco/2017 only, the folder with the original zips (train2017.zip, val2017.zip, test2017.zip,
     annotations_trainval2017.zip, image_info_test2017.zip); empty when already prepared.
-  root, train_ann, val_ann, train_images, val_images: coco_folder only; jsons and image dirs relative to root
+  root, train_ann, val_ann, train_images, val_images: coco_folder; jsons and image dirs relative to root
     (image dir defaults to root/<json stem without 'instances_'>).
+  yaml: yolo only, the Ultralytics dataset YAML (see data/yolo.py).
+  root (voc): the VOC tree (VOCdevkit/VOC2012); voc_train_set, voc_val_set: its ImageSets/Main lists.
   label_mode: coco_folder / synthetic: 'contiguous' (labels 1..N in category-id order, 0 = background) or
     'category_id' (label = raw category id, num_classes = max id + 1). coco/2017 always uses category ids 1..90.
   eval_gt_json: COCO json to evaluate against; default: the val json (folders) or, for coco/2017, one written
@@ -33,6 +36,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     "val_ann": "",
     "train_images": "",
     "val_images": "",
+    "yaml": "",
+    "voc_train_set": "train",
+    "voc_val_set": "val",
     "label_mode": "contiguous",
     "eval_gt_json": "",
     "synthetic_seed": 0,

@@ -14,9 +14,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ssdlite_jax.data import coco_folder, coco_labels, synthetic
+from ssdlite_jax.data import coco_folder, coco_labels, synthetic, voc, yolo
 
-DATASETS = ("synthetic", "coco_folder", "coco/2017")
+DATASETS = ("synthetic", "coco_folder", "yolo", "voc", "coco/2017")
 LABEL_MODES = ("contiguous", "category_id")
 
 
@@ -137,4 +137,16 @@ def open_source(cfg) -> Source:
     config = coco_folder.folder_config(cfg.root, cfg.train_ann, cfg.val_ann, cfg.train_images, cfg.val_images)
     gt = dict((s, a) for s, a, _ in config.splits).get("validation", "")
     return _folder_source(cfg, config, cfg.eval_gt_json or gt)
+  if cfg.name in ("yolo", "voc"):
+    out_dir = os.path.join(cfg.data_dir, "converted")
+    if cfg.name == "yolo":
+      if not cfg.yaml:
+        raise ValueError("data.name='yolo' needs data.yaml, the dataset's YAML file")
+      images, jsons = yolo.convert(cfg.yaml, out_dir)
+    else:
+      if not cfg.root:
+        raise ValueError("data.name='voc' needs data.root, e.g. VOCdevkit/VOC2012")
+      images, jsons = voc.convert(cfg.root, cfg.voc_train_set, cfg.voc_val_set, out_dir)
+    config = coco_folder.folder_config(images, jsons.get("train", ""), jsons.get("validation", ""), images, images)
+    return _folder_source(cfg, config, cfg.eval_gt_json or jsons.get("validation", ""))
   raise ValueError(f"data.name must be one of {DATASETS}, got {cfg.name!r}")
