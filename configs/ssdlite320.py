@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3       # the last K, plus the best by mAP
   config.eval_every_epochs = 10     # 0 = only at the end
+  config.plot_score_thresh = 0.25   # detections counted in plots/confusion_matrix and drawn in val_batch_pred
 
   config.model = default_model_config()
   config.data = default_data_config()

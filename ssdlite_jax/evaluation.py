@@ -16,18 +16,20 @@ gathered to every process with `process_allgather`, process 0 runs COCOeval (and
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
 
-from ssdlite_jax import distributed
+from ssdlite_jax import confusion, distributed
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+PER_CLASS_NAMES = METRIC_NAMES[:6]
 
 
 def _collect(detect_fn, variables, eval_batches):
@@ -86,23 +88,36 @@ def to_coco_results(dets, label_to_category_id) -> List[Dict]:
   return results
 
 
+@dataclasses.dataclass
+class CocoEvaluation:
+  """What one COCOeval (bbox) run gives.
+
+  metrics: {name: value} of the 12 stats (METRIC_NAMES). per_class: [{"category_id", "name", "AP", "AP50",
+  "AP75", "APs", "APm", "APl"}], from the accumulated precision [T, R, K, A, M] at 100 detections, as
+  summarize() averages it over classes (-1 for a class without ground truth in that range).
+  recall [R]: COCOeval's recall thresholds; precision50 [R, K]: the precision at IoU 0.5 for each (the PR
+  curves), -1 where a class has no ground truth.
+  """
+  metrics: Dict[str, float]
+  per_class: List[Dict]
+  recall: np.ndarray
+  precision50: np.ndarray
+
+
 def coco_metrics(results: List[Dict], gt_json: str, image_ids=None) -> Dict[str, float]:
   """{name: value} of the 12 COCO bbox stats (see coco_evaluation)."""
-  return coco_evaluation(results, gt_json, image_ids)[0]
+  return coco_evaluation(results, gt_json, image_ids).metrics
 
 
-def coco_evaluation(results: List[Dict], gt_json: str, image_ids=None) -> Tuple[Dict[str, float], List[Dict]]:
-  """Runs COCOeval (bbox) and prints what COCOeval.summarize() prints. Returns ({name: value} of the 12 stats,
-  per class [{"category_id", "name", "AP", "AP50"}] from the same COCOeval's accumulated precision [T, R, K, A, M]
-  at area 'all' and 100 detections, as summarize() averages it over classes; -1 for a class with no ground
-  truth). An empty results list gives zeros (with a warning) instead of pycocotools' crash. image_ids: the
-  images to evaluate (default: all of the ground truth)."""
+def coco_evaluation(results: List[Dict], gt_json: str, image_ids=None) -> CocoEvaluation:
+  """Runs COCOeval (bbox) and prints what COCOeval.summarize() prints. An empty results list gives zeros (with a
+  warning) instead of pycocotools' crash. image_ids: the images to evaluate (default: all of the ground truth)."""
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
 
   if not results:
     logging.warning("no detections: COCO metrics are all 0")
-    return {name: 0.0 for name in METRIC_NAMES}, []
+    return CocoEvaluation({name: 0.0 for name in METRIC_NAMES}, [], np.linspace(0, 1, 101), np.zeros((101, 0)))
   with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' loading / timing chatter
     gt = COCO(gt_json)
     dt = gt.loadRes([dict(r) for r in results])   # loadRes mutates its input
@@ -112,22 +127,31 @@ def coco_evaluation(results: List[Dict], gt_json: str, image_ids=None) -> Tuple[
     coco_eval.evaluate()
     coco_eval.accumulate()
   coco_eval.summarize()
-  precision = coco_eval.eval["precision"][:, :, :, 0, -1]   # [IoU thresholds, recalls, classes]
+  precision = coco_eval.eval["precision"][..., -1]   # [IoU thresholds, recalls, classes, areas] at 100 dets
+  iou = {"AP": slice(None), "AP50": 0, "AP75": 5}      # IoU thresholds .50:.05:.95
+  area = {"APs": 1, "APm": 2, "APl": 3}
 
   def mean(p):
     p = p[p > -1]
     return float(p.mean()) if p.size else -1.0
-  per_class = [{"category_id": int(c), "name": gt.cats[c]["name"], "AP": mean(precision[:, :, k]),
-                "AP50": mean(precision[0, :, k])} for k, c in enumerate(coco_eval.params.catIds)]
-  return {name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}, per_class
+  per_class = [{"category_id": int(c), "name": gt.cats[c]["name"],
+                **{n: mean(precision[t, :, k, 0]) for n, t in iou.items()},
+                **{n: mean(precision[:, :, k, a]) for n, a in area.items()}}
+               for k, c in enumerate(coco_eval.params.catIds)]
+  return CocoEvaluation({name: float(v) for name, v in zip(METRIC_NAMES, coco_eval.stats)}, per_class,
+                        np.asarray(coco_eval.params.recThrs), precision[0, :, :, 0])
 
 
-def format_per_class(per_class: List[Dict]) -> str:
-  """A table of per-class AP and AP50 (classes without ground truth shown as '-')."""
-  width = max([len("class")] + [len(r["name"]) for r in per_class])
+def format_per_class(per_class: List[Dict], metrics: Optional[Dict[str, float]] = None) -> str:
+  """A table of AP, AP50, AP75, APs, APm, APl: a first row 'all' from metrics (when given), then one row per
+  class ('-' where a class has no ground truth in that range)."""
+  names = PER_CLASS_NAMES
+  width = max([len("class"), len("all")] + [len(r["name"]) for r in per_class])
   cell = lambda v: f"{v:8.3f}" if v >= 0 else f"{'-':>8}"
-  rows = [f"{'class':<{width}}{'AP':>8}{'AP50':>8}"]
-  rows += [f"{r['name']:<{width}}{cell(r['AP'])}{cell(r['AP50'])}" for r in per_class]
+  rows = [f"{'class':<{width}}" + "".join(f"{n:>8}" for n in names)]
+  if metrics:
+    rows.append(f"{'all':<{width}}" + "".join(cell(metrics[n]) for n in names))
+  rows += [f"{r['name']:<{width}}" + "".join(cell(r[n]) for n in names) for r in per_class]
   return "\n".join(rows)
 
 
@@ -141,15 +165,27 @@ def _broadcast(metrics: Optional[Dict[str, float]]) -> Dict[str, float]:
   return {n: float(v) for n, v in zip(METRIC_NAMES, np.asarray(values))}
 
 
+@dataclasses.dataclass
+class EvalPlots:
+  """What `evaluate` draws into `dir`: pr_curve.png and confusion_matrix.png (detections scoring >=
+  score_threshold); with examples (pipeline.eval_examples: image, boxes, labels, image_id), the mosaics
+  val_batch_labels.jpg (ground truth) and val_batch_pred.jpg (detections scoring >= score_threshold)."""
+  dir: str
+  class_names: Sequence[str]
+  score_threshold: float = 0.25
+  examples: Sequence[Dict] = ()
+
+
 def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: str,
-             out_dir: Optional[str] = None) -> Dict[str, float]:
+             out_dir: Optional[str] = None, plots: Optional[EvalPlots] = None) -> Dict[str, float]:
   """The 12 COCO bbox metrics (METRIC_NAMES) of the detector over eval_batches (this process's shard, as
   pipeline.create_eval_dataset makes them: image, orig_size, image_id, valid), against gt_json.
 
-  Every process must call it (collective gather); process 0 runs COCOeval, prints its summary and, with
-  out_dir, writes out_dir/detections.json (COCO results format), out_dir/metrics.json and out_dir/per_class.json
-  (per-class AP and AP50, also printed as a table); all processes
-  return the same metrics. Images of gt_json that were not evaluated are logged and left out of the metrics.
+  Every process must call it (collective gather); process 0 runs COCOeval, prints its summary and the per-class
+  AP/AP50 table and, with out_dir, writes out_dir/detections.json (COCO results format), metrics.json,
+  per_class.json and confusion_matrix.json (see ssdlite_jax.confusion; IoU >= 0.5, detections scoring >=
+  plots.score_threshold, else 0.25); with plots, the pictures of EvalPlots. All processes return the same
+  metrics. Images of gt_json that were not evaluated are logged and left out of the metrics.
   """
   local = _collect(detect_fn, variables, eval_batches)
   if local is None:
@@ -160,7 +196,8 @@ def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: 
     results = to_coco_results(dets, label_to_category_id)
     evaluated = set(int(i) for i in dets["image_id"] if i >= 0)
     with open(gt_json) as f:
-      gt_ids = set(int(im["id"]) for im in json.load(f)["images"])
+      gt = json.load(f)
+    gt_ids = set(int(im["id"]) for im in gt["images"])
     if evaluated - gt_ids:
       raise ValueError(f"evaluated image ids not in {gt_json}: {sorted(evaluated - gt_ids)[:10]}")
     image_ids = None
@@ -172,12 +209,41 @@ def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: 
       os.makedirs(out_dir, exist_ok=True)
       with open(os.path.join(out_dir, "detections.json"), "w") as f:
         json.dump(results, f)
-    metrics, per_class = coco_evaluation(results, gt_json, image_ids)
-    if per_class:
-      print(format_per_class(per_class))
+    result = coco_evaluation(results, gt_json, image_ids)
+    metrics = result.metrics
+    if result.per_class:
+      print(format_per_class(result.per_class, metrics))
+    names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    score_threshold = plots.score_threshold if plots else 0.25
+    matrix = confusion.confusion_matrix(results, gt, score_threshold=score_threshold, image_ids=image_ids)
     if out_dir:
-      with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-      with open(os.path.join(out_dir, "per_class.json"), "w") as f:
-        json.dump(per_class, f, indent=2)
+      for name, value in (("metrics", metrics), ("per_class", result.per_class),
+                          ("confusion_matrix", {"rows": "predicted", "columns": "true", "iou_threshold": 0.5,
+                                                "score_threshold": score_threshold,
+                                                "classes": names + ["background"], "counts": matrix.tolist()})):
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+          json.dump(value, f, indent=2)
+    if plots:
+      _draw(plots, result, matrix, names, dets)
   return _broadcast(metrics)
+
+
+def _draw(plots: EvalPlots, result: CocoEvaluation, matrix, names, dets):
+  from ssdlite_jax import plots as figures, visualize
+  figures.plot_confusion_matrix(matrix, names, os.path.join(plots.dir, "confusion_matrix.png"))
+  if result.per_class:
+    figures.plot_pr_curves(result.recall, result.precision50, [r["name"] for r in result.per_class],
+                           [r["AP50"] for r in result.per_class], os.path.join(plots.dir, "pr_curve.png"))
+  if plots.examples:
+    row = {int(i): k for k, i in enumerate(dets["image_id"]) if i >= 0}
+    truth, pred = [], []
+    for ex in plots.examples:
+      truth.append(visualize.draw_boxes(ex["image"], ex["boxes"], ex["labels"], plots.class_names))
+      k = row[int(ex["image_id"])]
+      valid = dets["valid"][k]
+      pred.append(visualize.draw_boxes(ex["image"], dets["boxes"][k][valid], dets["labels"][k][valid],
+                                       plots.class_names, dets["scores"][k][valid], plots.score_threshold))
+    for name, images in (("val_batch_labels.jpg", truth), ("val_batch_pred.jpg", pred)):
+      path = os.path.join(plots.dir, name)
+      visualize.mosaic(images).save(path + ".tmp", format="JPEG", quality=90)
+      os.replace(path + ".tmp", path)

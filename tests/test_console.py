@@ -22,3 +22,13 @@ def test_only_our_info_lines_pass():
   assert not keep(_record(orbax.checkpoint.__file__, logging.DEBUG))
   assert keep(_record(orbax.checkpoint.__file__, logging.WARNING)) and keep(_record("x.py", logging.ERROR))
   assert not keep(_record(PACKAGE + "_plugins/train.py", logging.INFO))   # a sibling directory is not ours
+
+
+def test_tfds_custom_configuration_note_is_dropped():
+  """TFDS logs "Using custom data configuration" as a WARNING for every folder dataset: a note, not a problem."""
+  keep = OurInfoOnly().filter
+  note = logging.LogRecord("absl", logging.WARNING, "/x/tensorflow_datasets/core/dataset_builder.py", 1414,
+                           "Using custom data configuration: %s", ("synthetic_shapes_0",), None)
+  assert not keep(note)
+  note.msg = "Could not find the dataset: %s"
+  assert keep(note)

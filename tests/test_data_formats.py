@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ssdlite_jax import evaluation
-from ssdlite_jax.data import config as data_config, pipeline, voc, yolo
+from ssdlite_jax.data import coco_folder, config as data_config, pipeline, voc, yolo
 
 pytestmark = pytest.mark.tf  # imports TensorFlow (TFDS)
 
@@ -62,8 +62,7 @@ def _boxes(json_path):
   return data, sorted((files[a["image_id"]], a["category_id"], a["bbox"], a["iscrowd"]) for a in data["annotations"])
 
 
-def test_yolo_converts_to_pixel_boxes(tmp_path, caplog):
-  caplog.set_level("INFO")
+def test_yolo_converts_to_pixel_boxes(tmp_path):
   root, jsons = yolo.convert(yolo_dataset(str(tmp_path / "ds")), str(tmp_path / "out"))
   data, boxes = _boxes(jsons["train"])
   assert data["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
@@ -74,7 +73,8 @@ def test_yolo_converts_to_pixel_boxes(tmp_path, caplog):
                    ("images/train/b.jpg", 2, pytest.approx([8.0, 6.0, 16.0, 18.0]), 0)]
   assert _boxes(jsons["validation"])[1] == [("images/val/v.png", 1, [10.0, 10.0, 20.0, 20.0], 0)]
   assert root == str(tmp_path / "ds")
-  assert "yolo train: 3 images (1 without objects), 3 boxes: cat 1, dog 2" in caplog.text
+  assert coco_folder.split_summary("train", data["images"], data["annotations"], data["categories"]) == (
+    "train: 3 images (1 without objects), 3 boxes: cat 1, dog 2")
   mtime = os.stat(jsons["train"]).st_mtime_ns
   yolo.convert(f"{root}/data.yaml", str(tmp_path / "out"))   # unchanged data: the json is not rewritten
   assert os.stat(jsons["train"]).st_mtime_ns == mtime
@@ -175,9 +175,10 @@ def test_voc_trains_without_difficult_and_evaluation_ignores_them(tmp_path):
   on_difficult = [{"image_id": 1, "category_id": 1, "bbox": [0.0, 30.0, 20.0, 30.0], "score": 0.9}]
   # the difficult cat is not a miss (recall 1 without it), nor is the higher-scored detection on it a false one
   assert evaluation.coco_metrics(cat, source.info.gt_json)["AP"] == pytest.approx(1.0)
-  metrics, per_class = evaluation.coco_evaluation(cat + on_difficult, source.info.gt_json)
-  assert metrics["AP"] == pytest.approx(1.0)
-  assert [(r["name"], r["AP"]) for r in per_class] == [("cat", pytest.approx(1.0)), ("dog", -1.0), ("person", -1.0)]
+  result = evaluation.coco_evaluation(cat + on_difficult, source.info.gt_json)
+  assert result.metrics["AP"] == pytest.approx(1.0)
+  assert [(r["name"], r["AP"]) for r in result.per_class] == [("cat", pytest.approx(1.0)), ("dog", -1.0),
+                                                               ("person", -1.0)]
 
 
 @pytest.mark.parametrize("xml, match", [

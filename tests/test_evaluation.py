@@ -108,7 +108,8 @@ def test_per_class_ap_equals_pycocotools_per_category(parity_setup):
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
   results, gt_json = parity_setup["results"], parity_setup["gt_json"]
-  metrics, per_class = evaluation.coco_evaluation(results, gt_json)
+  result = evaluation.coco_evaluation(results, gt_json)
+  metrics, per_class = result.metrics, result.per_class
   assert metrics == pytest.approx(parity_setup["reference"])
   with contextlib.redirect_stdout(io.StringIO()):
     gt = COCO(gt_json)
@@ -119,11 +120,14 @@ def test_per_class_ap_equals_pycocotools_per_category(parity_setup):
       one.accumulate()
       one.summarize()
       assert row["name"] == f"class{row['category_id']}"
-      assert (row["AP"], row["AP50"]) == pytest.approx((one.stats[0], one.stats[1]), abs=1e-12), row
+      assert [row[n] for n in evaluation.PER_CLASS_NAMES] == pytest.approx(list(one.stats[:6]), abs=1e-12), row
   scored = [r["AP"] for r in per_class if r["AP"] >= 0]
   assert len(scored) >= 3 and any(0 < ap < 1 for ap in scored)
-  table = evaluation.format_per_class(per_class).splitlines()
-  assert table[0].split() == ["class", "AP", "AP50"] and len(table) == len(per_class) + 1
+  table = evaluation.format_per_class(per_class, metrics).splitlines()
+  assert table[0].split() == ["class", "AP", "AP50", "AP75", "APs", "APm", "APl"]
+  assert table[1].split() == ["all"] + [f"{metrics[n]:.3f}" if metrics[n] >= 0 else "-"
+                                        for n in evaluation.PER_CLASS_NAMES]
+  assert len(table) == len(per_class) + 2
 
 
 @pytest.mark.tf
@@ -147,6 +151,19 @@ def test_parity_with_torchvision_via_eval_run(parity_setup, tmp_path):
     dets = json.load(f)
   assert {d["image_id"] for d in dets} <= set(range(1, len(SIZES) + 1))
   assert set(dets[0]) == {"image_id", "category_id", "bbox", "score"}
+  # The confusion matrix counts every ground-truth object once (matched or missed) and every detection scoring
+  # >= 0.25 once (matched or false): the numbers of the files it was computed from.
+  with open(os.path.join(out, "confusion_matrix.json")) as f:
+    matrix = np.asarray(json.load(f)["counts"])
+  with open(parity_setup["gt_json"]) as f:
+    gt = json.load(f)
+  objects = np.bincount([a["category_id"] for a in gt["annotations"]], minlength=NUM_CLASSES)[1:]
+  np.testing.assert_array_equal(matrix[:, :-1].sum(axis=0), objects)
+  scored = np.bincount([d["category_id"] for d in dets if d["score"] >= 0.25], minlength=NUM_CLASSES)[1:]
+  np.testing.assert_array_equal(matrix[:-1].sum(axis=1), scored)
+  for name, size in (("pr_curve.png", (900, 700)), ("val_batch_pred.jpg", (1920, 960))):
+    with PIL.Image.open(os.path.join(out, "plots", name)) as im:
+      assert im.size == size, name
 
 
 @pytest.mark.tf

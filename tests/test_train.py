@@ -2,6 +2,7 @@
 the non-finite-loss stop. Each run is a subprocess, as a user runs it; compiles are shared through
 JAX's persistent compilation cache."""
 
+import csv
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
 
 import ssdlite_jax
@@ -58,7 +60,7 @@ def full_run(train_cli, tmp_path_factory):
   return workdir, proc
 
 
-def test_short_run_trains_evaluates_and_logs(full_run):
+def test_short_run_trains_evaluates_and_logs(full_run, train_cli):
   workdir, proc = full_run
   losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, STEPS + 1))
@@ -74,13 +76,34 @@ def test_short_run_trains_evaluates_and_logs(full_run):
   params = jax.eval_shape(build_model(ml_collections.ConfigDict(model)).init, jax.random.key(0))["params"]
   assert f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters" in proc.stderr
   assert "global batch 4, 6 steps per epoch, 6 steps; sgd lr 0.01" in proc.stderr
+  with open(os.path.join(train_cli["data_dir"], next(d for d in os.listdir(train_cli["data_dir"])
+                                                     if d.startswith("synthetic_shapes_")),
+                         "annotations", "instances_val.json")) as f:
+    val = json.load(f)
+  boxes = [sum(a["category_id"] == c["id"] for a in val["annotations"]) for c in val["categories"]]
+  assert (f"val: 6 images (0 without objects), {sum(boxes)} boxes: ellipse {boxes[0]}, rectangle {boxes[1]}, "
+          f"triangle {boxes[2]}") in proc.stderr
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     evals = [json.loads(line) for line in f if "eval/AP" in line]
   assert evals and 0.0 <= evals[-1]["eval/AP"] <= 1.0 and evals[-1]["step"] == STEPS
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
   config = json.load(open(os.path.join(workdir, "config.json")))
   assert config["batch_size"] == 4 and config["model"]["class_names"][1:] == ["ellipse", "rectangle", "triangle"]
-  assert os.path.exists(os.path.join(workdir, "predictions", "val_0.jpg"))
+  # results.csv: a row per logged step, the eval columns filled at the final step, as metrics.jsonl has them.
+  with open(os.path.join(workdir, "results.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+  assert [float(r["train/loss"]) for r in rows] == pytest.approx([losses[s] for s in range(1, STEPS + 1)])
+  assert float(rows[-1]["eval/AP"]) == pytest.approx(evals[-1]["eval/AP"]) and rows[0]["eval/AP"] == ""
+  for name in ("results.png", "pr_curve.png", "confusion_matrix.png", "labels.png", "val_batch_labels.jpg",
+               "val_batch_pred.jpg"):
+    with PIL.Image.open(os.path.join(workdir, "plots", name)) as im:
+      assert min(im.size) >= 300, (name, im.size)
+  with open(os.path.join(workdir, "eval", f"step_{STEPS}", "confusion_matrix.json")) as f:
+    matrix = np.asarray(json.load(f)["counts"])
+  with open(os.path.join(workdir, "eval", f"step_{STEPS}", "per_class.json")) as f:
+    assert [r["name"] for r in json.load(f)] == ["ellipse", "rectangle", "triangle"]
+  assert matrix.shape == (4, 4) and matrix[:, :3].sum() > 0   # every val object is counted: found or missed
   step, variables = final_params(workdir)
   assert step == STEPS
   assert os.path.exists(os.path.join(workdir, "eval", f"step_{STEPS}", "detections.json"))

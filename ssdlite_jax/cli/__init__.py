@@ -10,12 +10,19 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
+# Other libraries' warnings that are notes, not problems: shown only with --verbosity >= 1.
+NOTES = ("Using custom data configuration",)   # TFDS, for every prepared folder dataset
+
+
 class OurInfoOnly(logging.Filter):
-  """Passes warnings and errors from anywhere, INFO and below only from ssdlite_jax's own code: other libraries'
-  INFO lines (orbax's checkpoint timings, TFDS's dataset notes, jax's backend probing) are dropped."""
+  """Passes warnings and errors from anywhere (but the NOTES), INFO and below only from ssdlite_jax's own code:
+  other libraries' INFO lines (orbax's checkpoint timings, TFDS's dataset notes, jax's backend probing) are
+  dropped."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR)
+    if os.path.abspath(record.pathname).startswith(_PACKAGE_DIR):
+      return True
+    return record.levelno >= logging.WARNING and not str(record.msg).startswith(NOTES)
 
 
 def run_absl_program(main, module_name: str) -> None:

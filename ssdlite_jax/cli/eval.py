@@ -7,8 +7,10 @@
 
 The model comes from the checkpoint's own model config (--workdir: WORKDIR/checkpoints; --checkpoint: that
 directory), or from config.model with --torch-weights (the class count is the file's). Data: config.data's eval
-split at global batch config.eval_batch_size. Prints COCOeval's summary and writes detections.json (COCO results)
-and metrics.json to --out (default WORKDIR/eval, else ./eval_out).
+split at global batch config.eval_batch_size. Prints COCOeval's summary and the per-class AP table; writes
+detections.json (COCO results), metrics.json, per_class.json and confusion_matrix.json to --out (default
+WORKDIR/eval, else ./eval_out), and plots/{pr_curve,confusion_matrix}.png and plots/val_batch_{labels,pred}.jpg
+under it.
 """
 
 try:  # torch (read .pth weights) must be imported before TensorFlow (the config imports it): else a segfault
@@ -75,10 +77,13 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
   weights = torch_weights or f"checkpoint step {step}"
   print(f"evaluating {weights} on {config.data.name} ({num_batches} batches of {config.eval_batch_size})",
         flush=True)
+  plots = evaluation.EvalPlots(os.path.join(out_dir, "plots"), info.class_names, config.plot_score_thresh,
+                               pipeline.eval_examples(source, 16) if jax.process_index() == 0 else ())
   metrics = evaluation.evaluate(make_detect_fn(detector), variables, batches,
-                                info.label_to_category_id, info.gt_json, out_dir=out_dir)
+                                info.label_to_category_id, info.gt_json, out_dir, plots)
   if jax.process_index() == 0:
-    print(f"wrote {out_dir}/detections.json and {out_dir}/metrics.json", flush=True)
+    print(f"wrote {out_dir}/{{detections,metrics,per_class,confusion_matrix}}.json and {out_dir}/plots/",
+          flush=True)
   return metrics
 
 

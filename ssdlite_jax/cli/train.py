@@ -33,15 +33,14 @@ import ml_collections
 import orbax.checkpoint as ocp
 import tqdm
 
-from ssdlite_jax import checkpoint, distributed, evaluation, porting, train_step as ts
+from ssdlite_jax import checkpoint, distributed, evaluation, plots, porting, results, train_step as ts
 from ssdlite_jax.cli import run_absl_program
-from ssdlite_jax.data import pipeline, sources  # before tensorflow: it says where TF comes from when missing
+# before tensorflow: the data package says where TF comes from when it is missing
+from ssdlite_jax.data import coco_folder, pipeline, sources
 from ssdlite_jax.detect import make_detect_fn
-from ssdlite_jax.inference import Predictor
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.models import Detector, build_model
 from ssdlite_jax.optim import make_optimizer
-from ssdlite_jax.visualize import draw_detections
 
 import tensorflow as tf  # TensorBoard writers (after pipeline: see above)
 
@@ -83,10 +82,10 @@ def initial_variables(config, detector, rng):
 
 
 class Logger:
-  """metrics.jsonl + TensorBoard event files in the workdir (process 0 only)."""
+  """metrics.jsonl, results.csv and TensorBoard event files in the workdir (process 0 only)."""
 
   def __init__(self, workdir):
-    self.enabled = jax.process_index() == 0
+    self.enabled, self.workdir = jax.process_index() == 0, workdir
     if self.enabled:
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
@@ -101,6 +100,17 @@ class Logger:
         tf.summary.scalar(f"{prefix}/{k}", v, step=step)
     self.tb.flush()
 
+  def write_results(self):
+    """WORKDIR/results.csv and plots/results.png (train losses, LR, AP and AP50 against steps)."""
+    if not self.enabled:
+      return
+    self.jsonl.flush()
+    columns, rows = results.read_metrics_jsonl(self.jsonl.name)
+    results.write_csv(columns, rows, os.path.join(self.workdir, "results.csv"))
+    shown = [c for c in columns if c.startswith("train/") or c in ("eval/AP", "eval/AP50")]
+    plots.plot_results([{"step": r["step"], **{c: r[c] for c in shown}} for r in rows],
+                       os.path.join(self.workdir, "plots", "results.png"))
+
   def close(self):
     if self.enabled:
       self.jsonl.close()
@@ -108,19 +118,15 @@ class Logger:
 
 
 def run_eval(run, variables, step):
-  """COCO evaluation of `variables` on the val split; detections and metrics under WORKDIR/eval/step_N."""
-  return evaluation.evaluate(run.detect_fn, variables, run.eval_batches, run.source.info.label_to_category_id,
-                             run.source.info.gt_json, out_dir=os.path.join(run.workdir, "eval", f"step_{step}"))
-
-
-def draw_val_predictions(source, detector, variables, out_dir, count=8):
-  """Pictures of the model's detections on the first val images (score >= 0.5)."""
-  predictor = Predictor(detector, variables)
-  images = pipeline.eval_images(source, count)
-  os.makedirs(out_dir, exist_ok=True)
-  for i, (image, det) in enumerate(zip(images, predictor(images))):
-    draw_detections(image, det, source.info.class_names, 0.5).save(os.path.join(out_dir, f"val_{i}.jpg"))
-  return out_dir
+  """COCO evaluation of `variables` on the val split: detections and metrics under WORKDIR/eval/step_N, the
+  pictures under WORKDIR/plots (results.csv and plots/results.png brought up to date)."""
+  plots = evaluation.EvalPlots(os.path.join(run.workdir, "plots"), run.source.info.class_names,
+                               run.config.plot_score_thresh, run.val_examples)
+  metrics = evaluation.evaluate(run.detect_fn, variables, run.eval_batches, run.source.info.label_to_category_id,
+                                run.source.info.gt_json, os.path.join(run.workdir, "eval", f"step_{step}"), plots)
+  run.logger.write(step, metrics, "eval")
+  run.logger.write_results()
+  return metrics
 
 
 class MetricsMean:
@@ -153,6 +159,7 @@ class Run:
   data: Iterator                   # sharded global batches, prefetched to the devices
   detect_fn: Callable              # jitted detect.detect, for evaluation
   eval_batches: Iterable           # re-iterable eval batches of this process
+  val_examples: list               # the first val images and their boxes, drawn in the mosaics (process 0)
   mngr: ocp.CheckpointManager
   logger: Logger
   stop: Dict[str, Optional[int]]   # {"signal": the SIGTERM received, or None}
@@ -206,9 +213,16 @@ def train(config, workdir):
   eval_batches, _ = pipeline.create_eval_dataset(source, global_batch_size=config.eval_batch_size,
                                                  image_size=detector.image_size)
   logger = Logger(workdir)
-  run = Run(config, workdir, detector, source, step_fn, data, make_detect_fn(detector), eval_batches, mngr,
-            logger, stop, steps_per_epoch, total_steps)
-  for line in run_summary(config, workdir, source, detector, state, mesh, steps_per_epoch, total_steps, start):
+  val_examples, ground_truth = [], {}
+  if jax.process_index() == 0:
+    val_examples = pipeline.eval_examples(source, 16)
+    ground_truth = {split: json.load(open(path)) for split, path in (("train", info.train_json),
+                                                                      ("val", info.gt_json)) if path}
+    draw_labels(source, ground_truth.get("train"), os.path.join(workdir, "plots", "labels.png"))
+  run = Run(config, workdir, detector, source, step_fn, data, make_detect_fn(detector), eval_batches,
+            val_examples, mngr, logger, stop, steps_per_epoch, total_steps)
+  for line in run_summary(config, workdir, source, ground_truth, detector, state, mesh, steps_per_epoch,
+                          total_steps, start):
     logging.info("%s", line)
   try:
     return _loop(run, state)
@@ -218,8 +232,19 @@ def train(config, workdir):
     logger.close()
 
 
-def run_summary(config, workdir, source, detector, state, mesh, steps_per_epoch, total_steps, start):
-  """The start-up lines: where it runs, on what data, which model, how long, from where."""
+def draw_labels(source, train_gt, path):
+  """plots/labels.png: the classes, box sizes and centres of train_gt (the train split's COCO dict, or None)."""
+  if os.path.exists(path):
+    return
+  if train_gt is None:
+    logging.info("no plots/labels.png: %r has no train json to read the labels from", source.config.name)
+    return
+  plots.plot_labels(train_gt, path)
+
+
+def run_summary(config, workdir, source, ground_truth, detector, state, mesh, steps_per_epoch, total_steps, start):
+  """The start-up lines: where it runs, on what data (with ground_truth {split: COCO dict}: images, background
+  images and boxes per class), which model, how long, from where."""
   variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.variables)
   image = jax.ShapeDtypeStruct((1,) + detector.image_size + (3,), jnp.float32)
   cost = jax.jit(lambda v, x: detector.module.apply(v, x)).lower(variables, image).cost_analysis()
@@ -232,6 +257,8 @@ def run_summary(config, workdir, source, detector, state, mesh, steps_per_epoch,
       f"data: {config.data.name!r}, {config.model.num_classes - 1} classes; "
       + ", ".join(f"{name} {splits[name].num_examples} images"
                   for name in (source.info.train_split, source.info.eval_split)),
+      *(coco_folder.split_summary(f"  {split}", gt["images"], gt["annotations"], gt["categories"])
+        for split, gt in ground_truth.items()),
       f"model: {config.model.backbone} + {config.model.head} head, {config.model.image_size} px, "
       f"{sum(x.size for x in jax.tree.leaves(variables['params'])):,} parameters, "
       f"{cost.get('flops', float('nan')) / 1e9:.2f} GFLOP per image (forward, XLA's count), "
@@ -276,12 +303,10 @@ def _loop(run, state):
       scalars["images_per_sec"] = (done - last_logged) * config.batch_size / (time.time() - t0)
       t0, last_logged = time.time(), done
       run.logger.write(done, scalars, "train")
-      bar.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2e}",
+      bar.set_postfix(loss=f"{scalars['loss']:.3f}", cls=f"{scalars['classification']:.3f}",
+                      box=f"{scalars['bbox_regression']:.3f}", lr=f"{scalars['lr']:.2e}",
                       img_s=f"{scalars['images_per_sec']:.1f}")
-    eval_metrics = None
-    if eval_now:
-      eval_metrics = run_eval(run, state.variables, done)
-      run.logger.write(done, eval_metrics, "eval")
+    eval_metrics = run_eval(run, state.variables, done) if eval_now else None
     if save_now:
       checkpoint.save_train_state(run.mngr, state, config.model, eval_metrics)
     if stopping:
@@ -290,13 +315,9 @@ def _loop(run, state):
       return None
   bar.close()
   final = run_eval(run, state.variables, int(state.step))
-  run.logger.write(int(state.step), final, "eval")
   checkpoint.save_train_state(run.mngr, state, config.model, final)
   if jax.process_index() == 0:
-    # host copies: the replicated state spans every process's devices, this runs on process 0 only
-    out = draw_val_predictions(run.source, run.detector, jax.device_get(state.variables),
-                               os.path.join(run.workdir, "predictions"))
-    print(f"\nmAP@[.5:.95] = {final['AP']:.3f} at step {int(state.step)}; predictions drawn in {out}/")
+    print(f"\nmAP@[.5:.95] = {final['AP']:.3f} at step {int(state.step)}; results.csv and plots/ in {run.workdir}")
   return final
 
 

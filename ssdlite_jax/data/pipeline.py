@@ -55,11 +55,16 @@ def num_train_examples(source: sources.Source) -> int:
   return source.builder.info.splits[source.info.train_split].num_examples
 
 
-def eval_images(source: sources.Source, count: int) -> list:
-  """The first `count` eval images, decoded as H x W x 3 uint8 RGB at their original size."""
-  ds = _read(source, source.info.eval_split).take(count).map(
-    lambda ex: tf.io.decode_image(ex["image"], channels=3, expand_animations=False))
-  return list(tfds.as_numpy(ds))
+def eval_examples(source: sources.Source, count: int) -> list:
+  """The first `count` eval examples at their original size: [{"image": H x W x 3 uint8 RGB, "boxes": [n, 4]
+  float32 xyxy px and "labels": [n] int32 as training cleans them (crowd objects and empty boxes dropped),
+  "image_id"}]."""
+  def example(ex):
+    image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
+    size = tf.shape(image)[:2]
+    boxes, labels = cleaning.clean_boxes(*source.annotations(ex), size[0], size[1])
+    return {"image": image, "boxes": boxes, "labels": labels, "image_id": ex["image/id"]}
+  return list(tfds.as_numpy(_read(source, source.info.eval_split).take(count).map(example)))
 
 
 def calibration_images(source: sources.Source, count: int, image_size) -> np.ndarray:

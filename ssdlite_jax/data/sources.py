@@ -31,6 +31,7 @@ class DatasetInfo:
   class_names: tuple
   label_to_category_id: np.ndarray
   gt_json: str
+  train_json: str = ""   # the train split's COCO json where there is one (folders; not coco/2017)
   train_split: str = "train"
   eval_split: str = "validation"
 
@@ -75,7 +76,8 @@ def _folder_source(cfg, config, gt_json) -> Source:
     objects = ex["objects"]
     return objects["bbox"], tf.gather(lookup, objects["category_id"]), objects["is_crowd"]
 
-  return Source(builder, DatasetInfo(num_classes, names, to_category, gt_json), annotations, cfg)
+  train_json = dict((split, ann) for split, ann, _ in config.splits).get("train", "")
+  return Source(builder, DatasetInfo(num_classes, names, to_category, gt_json, train_json), annotations, cfg)
 
 
 def _coco2017_gt_json(builder, path) -> str:

@@ -13,7 +13,6 @@ Errors name the file: a missing or malformed xml, a missing tag, a box with xmax
 """
 
 import hashlib
-import logging
 import os
 import xml.etree.ElementTree as ET
 
@@ -102,7 +101,6 @@ def convert(root: str, train_set: str, val_set: str, out_dir: str):
                             "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": int(difficult)})
     if not images:
       raise VocFormatError(f"{root}: image set '{image_set}' is empty")
-    logging.info("%s", coco_folder.split_summary(f"voc {image_set}", images, annotations, categories))
     jsons[split] = coco_folder.write_instances_json(os.path.join(out, f"instances_{image_set}.json"), images,
                                                     annotations, categories)
   return os.path.join(root, "JPEGImages"), jsons

@@ -9,14 +9,14 @@ Each image `.../images/.../x.jpg` has its labels in `.../labels/.../x.txt`, one 
 `class cx cy w h` normalised to [0, 1] (a polygon `class x1 y1 x2 y2 x3 y3 ...` becomes its bounding box, as
 Ultralytics does). Class k becomes category id k + 1 named names[k].
 
-An image without a label file, or with an empty one, is a background image (kept, counted in the log line).
+An image without a label file, or with an empty one, is a background image (kept; train.py's start-up
+summary counts them).
 Errors name the file and line: a class outside `names`, a value outside [0, 1], a box of zero size, a
 malformed line, a label file without an image (folder splits), an image whose EXIF orientation would move
 its boxes (YOLO labels refer to the upright image, the pipeline reads the stored pixels: as torchvision).
 """
 
 import hashlib
-import logging
 import os
 
 import PIL.Image
@@ -176,7 +176,6 @@ def convert(yaml_path: str, out_dir: str):
     images, annotations = _convert_split(spec[split], names, root, yaml_path)
     if not images:
       raise YoloFormatError(f"{yaml_path}: split '{split}' has no images ({', '.join(spec[split])})")
-    logging.info("%s", coco_folder.split_summary(f"yolo {split}", images, annotations, categories))
     jsons[tfds_split] = coco_folder.write_instances_json(os.path.join(out, f"instances_{split}.json"), images,
                                                          annotations, categories)
   return root, jsons
