@@ -120,10 +120,11 @@ class Logger:
 def run_eval(run, variables, step):
   """COCO evaluation of `variables` on the val split: detections and metrics under WORKDIR/eval/step_N, the
   pictures under WORKDIR/plots (results.csv and plots/results.png brought up to date)."""
-  plots = evaluation.EvalPlots(os.path.join(run.workdir, "plots"), run.source.info.class_names,
-                               run.config.plot_score_thresh, run.val_examples)
+  pictures = evaluation.EvalPlots(os.path.join(run.workdir, "plots"), run.source.info.class_names,
+                                  run.config.plot_score_thresh, run.val_examples)
   metrics = evaluation.evaluate(run.detect_fn, variables, run.eval_batches, run.source.info.label_to_category_id,
-                                run.source.info.gt_json, os.path.join(run.workdir, "eval", f"step_{step}"), plots)
+                                run.source.info.gt_json, os.path.join(run.workdir, "eval", f"step_{step}"),
+                                pictures)
   run.logger.write(step, metrics, "eval")
   run.logger.write_results()
   return metrics
@@ -216,8 +217,8 @@ def train(config, workdir):
   val_examples, ground_truth = [], {}
   if jax.process_index() == 0:
     val_examples = pipeline.eval_examples(source, 16)
-    ground_truth = {split: json.load(open(path)) for split, path in (("train", info.train_json),
-                                                                      ("val", info.gt_json)) if path}
+    ground_truth = {split: read_json(path) for split, path in (("train", info.train_json), ("val", info.gt_json))
+                    if path}
     draw_labels(source, ground_truth.get("train"), os.path.join(workdir, "plots", "labels.png"))
   run = Run(config, workdir, detector, source, step_fn, data, make_detect_fn(detector), eval_batches,
             val_examples, mngr, logger, stop, steps_per_epoch, total_steps)
@@ -230,6 +231,11 @@ def train(config, workdir):
     mngr.wait_until_finished()
     mngr.close()
     logger.close()
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
 
 
 def draw_labels(source, train_gt, path):
@@ -303,9 +309,9 @@ def _loop(run, state):
       scalars["images_per_sec"] = (done - last_logged) * config.batch_size / (time.time() - t0)
       t0, last_logged = time.time(), done
       run.logger.write(done, scalars, "train")
-      bar.set_postfix(loss=f"{scalars['loss']:.3f}", cls=f"{scalars['classification']:.3f}",
-                      box=f"{scalars['bbox_regression']:.3f}", lr=f"{scalars['lr']:.2e}",
-                      img_s=f"{scalars['images_per_sec']:.1f}")
+      bar.set_postfix({"loss": f"{scalars['loss']:.3f}", "cls": f"{scalars['classification']:.3f}",
+                       "box": f"{scalars['bbox_regression']:.3f}", "lr": f"{scalars['lr']:.2e}",
+                       "img/s": f"{scalars['images_per_sec']:.1f}"})
     eval_metrics = run_eval(run, state.variables, done) if eval_now else None
     if save_now:
       checkpoint.save_train_state(run.mngr, state, config.model, eval_metrics)

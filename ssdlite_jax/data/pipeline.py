@@ -64,7 +64,7 @@ def eval_examples(source: sources.Source, count: int) -> list:
     size = tf.shape(image)[:2]
     boxes, labels = cleaning.clean_boxes(*source.annotations(ex), size[0], size[1])
     return {"image": image, "boxes": boxes, "labels": labels, "image_id": ex["image/id"]}
-  return list(tfds.as_numpy(_read(source, source.info.eval_split).take(count).map(example)))
+  return list(tfds.as_numpy(_read(source, _first(source, source.info.eval_split, count)).map(example)))
 
 
 def calibration_images(source: sources.Source, count: int, image_size) -> np.ndarray:
@@ -72,10 +72,12 @@ def calibration_images(source: sources.Source, count: int, image_size) -> np.nda
   augmentation) as the uint8 pixels a deployed model is fed: [count, H, W, 3] RGB (int8 export calibration)."""
   cfg = source.config
   size = tuple(int(s) for s in image_size)
+  if count <= 0:
+    return np.zeros((0,) + size + (3,), np.uint8)
   zero_seed = tf.zeros([2], tf.int64)
-  ds = _read(source, source.info.train_split).take(count).map(
+  ds = _read(source, _first(source, source.info.train_split, count)).map(
     lambda ex: _example(source, ex, "none", size, cfg.max_boxes, zero_seed)["image"])
-  images = np.stack(list(tfds.as_numpy(ds))) if count > 0 else np.zeros((0,) + size + (3,), np.float32)
+  images = np.stack(list(tfds.as_numpy(ds)))
   return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
@@ -86,6 +88,12 @@ def _process(process_index, process_count, global_batch_size):
   if global_batch_size % process_count:
     raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} processes")
   return process_index, process_count, global_batch_size // process_count
+
+
+def _first(source, split, count):
+  """The split of the first `count` examples: read through TFDS's slicing rather than `.take`, whose partial
+  read of TFDS's in-memory cache of small datasets makes tf.data warn."""
+  return f"{split}[:{min(count, source.builder.info.splits[split].num_examples)}]"
 
 
 def _read(source, split):
