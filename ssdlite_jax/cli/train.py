@@ -281,13 +281,26 @@ def run_summary(config, workdir, source, ground_truth, detector, state, mesh, st
   return lines
 
 
+def epoch_bar(run, step, postfix):
+  """The progress bar of the epoch that (0-based) `step` is in, from that step on (process 0 only)."""
+  epoch, first = divmod(step, run.steps_per_epoch)
+  epochs = -(-run.total_steps // run.steps_per_epoch)
+  total = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
+  bar = tqdm.tqdm(total=total, initial=first, desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  bar.set_postfix(postfix)
+  return bar
+
+
 def _loop(run, state):
   """The training loop proper: steps, logging, periodic eval and checkpoints, final eval."""
   config, done = run.config, int(state.step)
   eval_every = config.eval_every_epochs * run.steps_per_epoch
-  bar = tqdm.tqdm(total=run.total_steps, initial=done, disable=jax.process_index() != 0, dynamic_ncols=True)
+  bar, postfix = None, {}
   t0, last_logged, previous, interval = time.time(), done, None, MetricsMean()
   for step in range(done, run.total_steps):
+    if bar is None:
+      bar = epoch_bar(run, step, postfix)
     state, metrics = run.step_fn(state, next(run.data))
     interval.add(metrics)
     done = step + 1
@@ -309,17 +322,22 @@ def _loop(run, state):
       scalars["images_per_sec"] = (done - last_logged) * config.batch_size / (time.time() - t0)
       t0, last_logged = time.time(), done
       run.logger.write(done, scalars, "train")
-      bar.set_postfix({"loss": f"{scalars['loss']:.3f}", "cls": f"{scalars['classification']:.3f}",
-                       "box": f"{scalars['bbox_regression']:.3f}", "lr": f"{scalars['lr']:.2e}",
-                       "img/s": f"{scalars['images_per_sec']:.1f}"})
+      postfix = {"loss": f"{scalars['loss']:.3f}", "cls": f"{scalars['classification']:.3f}",
+                 "box": f"{scalars['bbox_regression']:.3f}", "lr": f"{scalars['lr']:.2e}",
+                 "img/s": f"{scalars['images_per_sec']:.1f}"}
+      bar.set_postfix(postfix)
+    if done % run.steps_per_epoch == 0 or last:   # the epoch's line stays, above what evaluation prints
+      bar.close()
+      bar = None
     eval_metrics = run_eval(run, state.variables, done) if eval_now else None
     if save_now:
       checkpoint.save_train_state(run.mngr, state, config.model, eval_metrics)
     if stopping:
+      if bar is not None:
+        bar.close()
       logging.warning("received signal %d: saving step %d and exiting", run.stop["signal"], done)
       checkpoint.save_train_state(run.mngr, state, config.model)
       return None
-  bar.close()
   final = run_eval(run, state.variables, int(state.step))
   checkpoint.save_train_state(run.mngr, state, config.model, final)
   if jax.process_index() == 0:

@@ -149,6 +149,8 @@ def open_source(cfg) -> Source:
       if not cfg.root:
         raise ValueError("data.name='voc' needs data.root, e.g. VOCdevkit/VOC2012")
       images, jsons = voc.convert(cfg.root, cfg.voc_train_set, cfg.voc_val_set, out_dir)
-    config = coco_folder.folder_config(images, jsons.get("train", ""), jsons.get("validation", ""), images, images)
+    converted = os.path.dirname(next(iter(jsons.values())))   # names the prepared data: yolo_<root>_..., voc_...
+    config = coco_folder.folder_config(converted, jsons.get("train", ""), jsons.get("validation", ""), images,
+                                       images)
     return _folder_source(cfg, config, cfg.eval_gt_json or jsons.get("validation", ""))
   raise ValueError(f"data.name must be one of {DATASETS}, got {cfg.name!r}")
