@@ -49,6 +49,16 @@ def default_optim_config():
   ))
 
 
+def base_learning_rate(config) -> float:
+  """The peak LR: learning_rate scaled linearly from base_batch_size to the global batch_size."""
+  return config.learning_rate * config.batch_size / config.base_batch_size
+
+
+def warmup_steps(config, steps_per_epoch) -> int:
+  """The warmup length in steps: min(warmup_iters, steps_per_epoch - 1), inside epoch 0 as torchvision's."""
+  return min(config.warmup_iters, steps_per_epoch - 1)
+
+
 def learning_rate_schedule(config, steps_per_epoch):
   """optax schedule: optimizer step (int, 0-based) -> LR (float32; float64 with jax_enable_x64).
 
@@ -61,8 +71,8 @@ def learning_rate_schedule(config, steps_per_epoch):
   """
   if config.schedule not in ("cosine", "multistep"):
     raise ValueError(f"optim.schedule must be 'cosine' or 'multistep', got {config.schedule!r}")
-  base_lr = config.learning_rate * config.batch_size / config.base_batch_size
-  warmup = min(config.warmup_iters, steps_per_epoch - 1)
+  base_lr = base_learning_rate(config)
+  warmup = warmup_steps(config, steps_per_epoch)
   total_steps = config.num_epochs * steps_per_epoch
 
   def warmup_multiplier(step, dtype):

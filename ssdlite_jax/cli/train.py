@@ -40,7 +40,7 @@ from ssdlite_jax.data import coco_folder, pipeline, sources
 from ssdlite_jax.detect import make_detect_fn
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.models import Detector, build_model
-from ssdlite_jax.optim import make_optimizer
+from ssdlite_jax.optim import base_learning_rate, make_optimizer, warmup_steps
 
 import tensorflow as tf  # TensorBoard writers (after pipeline: see above)
 
@@ -270,9 +270,9 @@ def run_summary(config, workdir, source, ground_truth, detector, state, mesh, st
       f"{cost.get('flops', float('nan')) / 1e9:.2f} GFLOP per image (forward, XLA's count), "
       f"{len(detector.anchors):,} anchors, dtype {config.model.dtype}",
       f"schedule: global batch {config.batch_size}, {steps_per_epoch} steps per epoch, {total_steps} steps; "
-      f"{optim.optimizer} lr {optim.learning_rate * config.batch_size / optim.base_batch_size:g} "
-      f"({optim.learning_rate:g} x {config.batch_size}/{optim.base_batch_size}), weight decay "
-      f"{optim.weight_decay:g}, warmup {min(optim.warmup_iters, steps_per_epoch - 1)} steps, "
+      f"{optim.optimizer} lr {base_learning_rate(optim):g} "
+      f"({optim.learning_rate:g} x {optim.batch_size}/{optim.base_batch_size}), weight decay "
+      f"{optim.weight_decay:g}, warmup {warmup_steps(optim, steps_per_epoch)} steps, "
       + (f"x{optim.gamma:g} at epochs {tuple(optim.milestones)}" if optim.schedule == "multistep"
          else f"cosine over {optim.num_epochs} epochs")
       + (f"; frozen: {', '.join(optim.frozen)}" if optim.frozen else ""),
