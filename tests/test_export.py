@@ -263,3 +263,44 @@ def test_tflite_int8_network_with_float_scores(train_cli, tmp_path, capsys):
   # Measured: 0.136 on each image (a random quarter-width net with logits scaled up; bench/export.py measures
   # the mAP change of a trained model). Scores collapsed onto int8 steps would be off by far more.
   assert max(gaps) <= 0.25, gaps
+
+
+@pytest.mark.tf
+@pytest.mark.torch
+def test_saved_model_equals_the_predictor_detect_fn(weights, tmp_path):
+  """The SavedModel directory (TF Serving's serving_default signature) gives the Predictor's detections, named
+  outputs in the TFLite layout; re-exporting over it replaces it whole."""
+  tf = import_or_skip("tensorflow")
+  out = str(tmp_path / "models" / "ssdlite" / "1")
+  export_cli.main(["--torch-weights", weights, "--format", "saved_model", "--out", out, "--max-detections", "100"])
+  export_cli.main(["--torch-weights", weights, "--format", "saved_model", "--out", out, "--max-detections", "100"])
+  assert sorted(os.listdir(os.path.dirname(out))) == ["1", "1.json"]
+  serve = tf.saved_model.load(out).signatures["serving_default"]
+  image = _images(1)[0]
+  got = {k: v.numpy() for k, v in serve(images=tf.constant(image[None])).items()}
+  assert {k: v.shape for k, v in got.items()} == {"boxes": (1, 100, 4), "classes": (1, 100), "scores": (1, 100),
+                                                  "num": (1,)}
+  detector, variables, _ = load_detector(weights)
+  size = np.array([480, 640], np.int32)
+  reference = jax.device_get(detect.make_detect_fn(detector)(variables, image[None], size[None]))
+  n = int(got["num"][0])
+  assert n == 100 and int(reference["valid"][0][:100].sum()) == 100
+  np.testing.assert_array_equal(got["classes"][0].astype(np.int64) + 1, reference["labels"][0][:n])
+  np.testing.assert_allclose(got["scores"][0], reference["scores"][0][:n], atol=1e-5)
+  xyxy = got["boxes"][0][:, [1, 0, 3, 2]] * [size[1], size[0], size[1], size[0]]
+  np.testing.assert_allclose(xyxy, reference["boxes"][0][:n], atol=1e-3 * size.max())
+  meta = json.load(open(out + ".json"))
+  assert meta["format"] == "saved_model" and meta["signature"] == "serving_default"
+
+
+def test_a_failed_directory_export_leaves_nothing(tmp_path):
+  from ssdlite_jax import export as export_lib
+  out = str(tmp_path / "model")
+
+  def write(directory):
+    os.makedirs(directory)
+    open(os.path.join(directory, "saved_model.pb"), "w").close()
+    raise ValueError("conversion failed")
+  with pytest.raises(ValueError, match="conversion failed"):
+    export_lib.write_directory_atomically(out, write, {"format": "saved_model"})
+  assert os.listdir(tmp_path) == []

@@ -3,12 +3,14 @@
   python export.py --checkpoint runs/mine/checkpoints --format stablehlo --out mine.jaxexport
   python export.py --torch-weights ssdlite320.pth --format tflite --out coco.tflite --score-thresh 0.3
   python export.py --checkpoint DIR --format tflite-int8 --calibration-data configs/synthetic.py --out mine.tflite
+  python export.py --checkpoint DIR --format saved_model --out models/mine/1
 
 Writes OUT and OUT.json (metadata: classes, input/output layout, post-processing). Formats: stablehlo
 (jax.export, batch-polymorphic; ssdlite_jax/export/stablehlo.py says how to run it), tflite (LiteRT float32,
 batch 1, the 4-output SSD layout; ssdlite_jax/export/tflite.py) and tflite-int8 (the same layout, int8 network
 calibrated on the first --calibration-images train images of the --calibration-data config's dataset,
-preprocessed as for evaluation; uint8 input).
+preprocessed as for evaluation; uint8 input) and saved_model (the tflite float32 graph as a TensorFlow SavedModel
+directory for TF Serving; ssdlite_jax/export/saved_model.py).
 """
 
 import argparse
@@ -16,9 +18,10 @@ import os
 import sys
 
 from ssdlite_jax import export as export_lib
-from ssdlite_jax.export import stablehlo, tflite
+from ssdlite_jax.export import saved_model, stablehlo, tflite
 
-FORMATS = {"stablehlo": stablehlo, "tflite": tflite, "tflite-int8": tflite}   # each: export(...), KERNELS
+# each: export(...) -> (file bytes, or a function that fills a directory; metadata extras), and KERNELS
+FORMATS = {"stablehlo": stablehlo, "tflite": tflite, "tflite-int8": tflite, "saved_model": saved_model}
 
 
 def main(argv=None):
@@ -55,10 +58,16 @@ def main(argv=None):
     else:
       data, extras = module.export(detector, variables)
     described = f"{source} (step {step})" if step is not None else source
-    export_lib.write_atomically(args.out, data, export_lib.metadata(detector, described, args.format, **extras))
+    meta = export_lib.metadata(detector, described, args.format, **extras)
+    if callable(data):
+      export_lib.write_directory_atomically(args.out, data, meta)
+      size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.out) for f in files)
+    else:
+      export_lib.write_atomically(args.out, data, meta)
+      size = len(data)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB, {args.format}) and {args.out}.json")
+  print(f"wrote {args.out} ({size / 1e6:.1f} MB, {args.format}) and {args.out}.json")
 
 
 def load_config(path: str):

@@ -3,14 +3,16 @@
   stablehlo   `jax.export` of detect.detect (network + post-processing), batch-polymorphic (.jaxexport)
   tflite      LiteRT float32, batch 1, MediaPipe's 4-output SSD layout, TFLite builtin ops only (.tflite)
   tflite-int8 the same with an int8 network calibrated on the config's train images, uint8 input
+  saved_model the tflite graph as a TensorFlow SavedModel directory (TF Serving), float32 input
 
-Every file comes with `<file>.json`: the metadata (model variant, classes, input and output layout,
-post-processing settings, where the weights came from) that a runtime needs to use it.
+Every file (or SavedModel directory) comes with `<file>.json`: the metadata (model variant, classes, input and
+output layout, post-processing settings, where the weights came from) that a runtime needs to use it.
 """
 
 import json
 import os
-from typing import Any, Dict, Optional
+import shutil
+from typing import Any, Callable, Dict, Optional
 
 import ml_collections
 
@@ -68,3 +70,25 @@ def write_atomically(path: str, data: bytes, meta: Dict[str, Any]) -> None:
     for p in (tmp, tmp_meta):
       if os.path.exists(p):
         os.remove(p)
+
+
+def write_directory_atomically(path: str, write: Callable[[str], None], meta: Dict[str, Any]) -> None:
+  """Has `write` fill a temporary directory, then puts it at `path` (replacing an older one) and `path`.json:
+  a failure never leaves a partial directory."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp, tmp_meta, old = path + ".tmp", path + ".json.tmp", path + ".old"
+  try:
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    with open(tmp_meta, "w") as f:
+      json.dump(meta, f, indent=2)
+    if os.path.exists(path):
+      os.replace(path, old)
+    os.replace(tmp, path)
+    os.replace(tmp_meta, path + ".json")
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(tmp_meta):
+      os.remove(tmp_meta)

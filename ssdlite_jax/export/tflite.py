@@ -53,16 +53,17 @@ def _network_and_decode(detector: Detector, variables):
   return fn
 
 
-def export(detector: Detector, variables: Dict[str, Any], calibration: Optional[np.ndarray] = None
-           ) -> Tuple[bytes, Dict[str, Any]]:
-  """(the .tflite flatbuffer, metadata extras) of the detector, batch 1: float32, or int8 calibrated on
-  `calibration` [N, S, S, 3] uint8 images at the model size (pipeline.calibration_images)."""
+OUTPUTS = ("boxes", "classes", "scores", "num")
+
+
+def detect_function(detector: Detector, variables: Dict[str, Any], int8: bool = False):
+  """(tf.function images [1, S, S, 3] -> the four OUTPUTS as a tuple, in that order; metadata extras): the
+  network (jax2tf) and the split post-processing, float32 input in [0, 1] or, with int8, uint8 pixels."""
   import tensorflow as tf
   from jax.experimental import jax2tf
 
   cfg = detector.config
   size = detector.image_size
-  int8 = calibration is not None
   network = jax2tf.convert(_network_and_decode(detector, jax.device_get(variables)), with_gradient=False)
   num_fg = cfg.num_classes - 1
   k = min(cfg.topk_candidates, len(detector.anchors))
@@ -93,11 +94,6 @@ def export(detector: Detector, variables: Dict[str, Any], calibration: Optional[
     return (tf.where(valid[:, None], yxyx, 0.0)[None], tf.where(valid, tf.cast(order // k, tf.float32), 0.0)[None],
             tf.where(valid, out_scores, 0.0)[None], tf.reduce_sum(tf.cast(valid, tf.float32))[None])
 
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([detect.get_concrete_function()], detect)
-  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-  flatbuffer = converter.convert()
-  if int8:
-    flatbuffer = _quantize(converter, flatbuffer, calibration)
   extras = {
       "inputs": {"images": [1, *size, 3, ("uint8 RGB pixels" if int8 else "float32 RGB in [0, 1]")
                             + ", resized to the model size"]},
@@ -105,6 +101,22 @@ def export(detector: Detector, variables: Dict[str, Any], calibration: Optional[
                   "classes": f"[1, {d}] float32: label - 1", "scores": f"[1, {d}] float32",
                   "num": "[1] float32: valid detections, first"},
   }
+  return detect, extras
+
+
+def export(detector: Detector, variables: Dict[str, Any], calibration: Optional[np.ndarray] = None
+           ) -> Tuple[bytes, Dict[str, Any]]:
+  """(the .tflite flatbuffer, metadata extras) of the detector, batch 1: float32, or int8 calibrated on
+  `calibration` [N, S, S, 3] uint8 images at the model size (pipeline.calibration_images)."""
+  import tensorflow as tf
+
+  int8 = calibration is not None
+  detect, extras = detect_function(detector, variables, int8)
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([detect.get_concrete_function()], detect)
+  converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+  flatbuffer = converter.convert()
+  if int8:
+    flatbuffer = _quantize(converter, flatbuffer, calibration)
   return flatbuffer, extras
 
 
