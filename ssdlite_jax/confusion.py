@@ -4,8 +4,8 @@ Per image, ground-truth objects (crowd ones apart) and detections scoring >= sco
 to one regardless of class, greedily by decreasing IoU, pairs with IoU >= iou_threshold only (as Ultralytics'
 ConfusionMatrix). A matched pair counts at [predicted class, true class]; an unmatched object at
 [background, true class] (missed); an unmatched detection at [predicted class, background] (false), unless it
-covers a crowd object (intersection over its own area >= iou_threshold, COCOeval's crowd overlap): then it is
-not counted, as COCOeval ignores it.
+covers a crowd object of its own class (intersection over its own area >= iou_threshold, COCOeval's crowd
+overlap): then it is not counted, as COCOeval ignores it.
 """
 
 from typing import Dict, List, Optional
@@ -48,7 +48,8 @@ def confusion_matrix(results: List[Dict], gt: Dict, iou_threshold: float = 0.5, 
       dets[r["image_id"]].append(r)
   for image_id in ids:
     objects = [a for a in gts[image_id] if not a.get("iscrowd")]
-    crowd = _xyxy([a["bbox"] for a in gts[image_id] if a.get("iscrowd")])
+    crowds = [a for a in gts[image_id] if a.get("iscrowd")]
+    crowd_class = np.asarray([index[a["category_id"]] for a in crowds], np.int64)
     det_boxes = _xyxy([d["bbox"] for d in dets[image_id]])
     true = [index[a["category_id"]] for a in objects]
     pred = [index[d["category_id"]] for d in dets[image_id]]
@@ -60,7 +61,8 @@ def confusion_matrix(results: List[Dict], gt: Dict, iou_threshold: float = 0.5, 
         matrix[pred[d], true[g]] += 1
     for g in np.flatnonzero(~gt_used):
       matrix[bg, true[g]] += 1
-    on_crowd = (_overlaps(det_boxes, crowd)[1] >= iou_threshold).any(axis=1)
+    covers = _overlaps(det_boxes, _xyxy([a["bbox"] for a in crowds]))[1] >= iou_threshold
+    on_crowd = (covers & (np.asarray(pred, np.int64)[:, None] == crowd_class[None, :])).any(axis=1)
     for d in np.flatnonzero(~det_used & ~on_crowd):
       matrix[pred[d], bg] += 1
   return matrix

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from ssdlite_jax import confusion, distributed
+from ssdlite_jax import confusion, distributed, files
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 PER_CLASS_NAMES = METRIC_NAMES[:6]
@@ -206,9 +206,7 @@ def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: 
                       len(gt_ids - evaluated), gt_json, len(evaluated))
       image_ids = evaluated
     if out_dir:
-      os.makedirs(out_dir, exist_ok=True)
-      with open(os.path.join(out_dir, "detections.json"), "w") as f:
-        json.dump(results, f)
+      files.write_text_atomically(os.path.join(out_dir, "detections.json"), json.dumps(results))
     result = coco_evaluation(results, gt_json, image_ids)
     metrics = result.metrics
     if result.per_class:
@@ -221,8 +219,7 @@ def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: 
                           ("confusion_matrix", {"rows": "predicted", "columns": "true", "iou_threshold": 0.5,
                                                 "score_threshold": score_threshold,
                                                 "classes": names + ["background"], "counts": matrix.tolist()})):
-        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-          json.dump(value, f, indent=2)
+        files.write_text_atomically(os.path.join(out_dir, f"{name}.json"), json.dumps(value, indent=2))
     if plots:
       _draw(plots, result, matrix, names, dets)
   return _broadcast(metrics)
@@ -231,9 +228,12 @@ def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: 
 def _draw(plots: EvalPlots, result: CocoEvaluation, matrix, names, dets):
   from ssdlite_jax import plots as figures, visualize
   figures.plot_confusion_matrix(matrix, names, os.path.join(plots.dir, "confusion_matrix.png"))
+  pr_curve = os.path.join(plots.dir, "pr_curve.png")
   if result.per_class:
     figures.plot_pr_curves(result.recall, result.precision50, [r["name"] for r in result.per_class],
-                           [r["AP50"] for r in result.per_class], os.path.join(plots.dir, "pr_curve.png"))
+                           [r["AP50"] for r in result.per_class], pr_curve)
+  elif os.path.exists(pr_curve):   # no detections: no curve, and not the previous evaluation's
+    os.remove(pr_curve)
   if plots.examples:
     row = {int(i): k for k, i in enumerate(dets["image_id"]) if i >= 0}
     truth, pred = [], []
@@ -244,6 +244,5 @@ def _draw(plots: EvalPlots, result: CocoEvaluation, matrix, names, dets):
       pred.append(visualize.draw_boxes(ex["image"], dets["boxes"][k][valid], dets["labels"][k][valid],
                                        plots.class_names, dets["scores"][k][valid], plots.score_threshold))
     for name, images in (("val_batch_labels.jpg", truth), ("val_batch_pred.jpg", pred)):
-      path = os.path.join(plots.dir, name)
-      visualize.mosaic(images).save(path + ".tmp", format="JPEG", quality=90)
-      os.replace(path + ".tmp", path)
+      mosaic = visualize.mosaic(images)
+      files.write_atomically(os.path.join(plots.dir, name), lambda tmp: mosaic.save(tmp, format="JPEG", quality=90))

@@ -1,11 +1,9 @@
 """The pictures of a run (matplotlib, no display needed): training curves, PR curves, confusion matrix, labels.
 
-Each function draws one figure from numbers computed elsewhere and saves it as a PNG (written to a temporary
-name first, so that a reader never sees half a file).
+Each function draws one figure from numbers computed elsewhere and saves it as a PNG (files.write_atomically).
 """
 
 import math
-import os
 from typing import Dict, List, Sequence
 
 import matplotlib
@@ -14,16 +12,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ssdlite_jax import files  # noqa: E402
+
 DPI = 100
 
 
 def _save(fig, path):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=DPI)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  try:
+    return files.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI))
+  finally:
+    plt.close(fig)
 
 
 def plot_results(rows: List[Dict[str, float]], path: str) -> str:

@@ -1,8 +1,11 @@
 """results.csv: a run's metrics.jsonl as one table, a row per step, train and eval columns side by side."""
 
 import csv
+import io
 import json
-import os
+import logging
+
+from ssdlite_jax import files
 
 
 def read_metrics_jsonl(path: str):
@@ -11,8 +14,12 @@ def read_metrics_jsonl(path: str):
   keep their last values."""
   rows = {}
   with open(path) as f:
-    for line in f:
-      record = json.loads(line)
+    for number, line in enumerate(f, 1):
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:   # a line cut short by a killed run (the rerun appends after it)
+        logging.warning("%s:%d: not a json record, skipped", path, number)
+        continue
       rows.setdefault(record.pop("step"), {}).update(record)
   columns = ["step"] + sorted({k for r in rows.values() for k in r}, key=lambda k: (not k.startswith("train/"), k))
   return columns, [{"step": step, **{c: r.get(c) for c in columns[1:]}} for step, r in sorted(rows.items())]
@@ -20,9 +27,8 @@ def read_metrics_jsonl(path: str):
 
 def write_csv(columns, rows, path: str) -> str:
   """Writes rows ({column: value or None}) as CSV (None as an empty cell), atomically."""
-  with open(path + ".tmp", "w", newline="") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(path + ".tmp", path)
-  return path
+  text = io.StringIO()
+  writer = csv.DictWriter(text, columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  return files.write_text_atomically(path, text.getvalue())

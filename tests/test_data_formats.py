@@ -34,6 +34,7 @@ def yolo_dataset(root, names=("cat", "dog"), train_labels=None, val_list=True):
   train_labels = train_labels if train_labels is not None else {
     "a": "0 0.5 0.5 0.25 0.5\n1 0.125 0.25 0.25 0.5\n",       # -> [30, 15, 20, 30], [0, 0, 20, 30]
     "b": "\n1 0.1 0.1 0.3 0.1 0.3 0.4 0.1 0.4\n",             # polygon -> its box [8, 6, 16, 18]
+    "c": "0 0.05 0.9 0.2 0.4\n",                              # past the left and bottom edges: clipped
   }
   for stem, text in train_labels.items():
     _save(f"{root}/images/train/{stem}.jpg")
@@ -67,14 +68,15 @@ def test_yolo_converts_to_pixel_boxes(tmp_path):
   data, boxes = _boxes(jsons["train"])
   assert data["categories"] == [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
   assert sorted(im["file_name"] for im in data["images"]) == [
-    "images/train/a.jpg", "images/train/b.jpg", "images/train/background.jpg"]
+    "images/train/a.jpg", "images/train/b.jpg", "images/train/background.jpg", "images/train/c.jpg"]
   assert boxes == [("images/train/a.jpg", 1, [30.0, 15.0, 20.0, 30.0], 0),
-                   ("images/train/a.jpg", 2, [0.0, 0.0, 20.0, 30.0], 0)] + [
-                   ("images/train/b.jpg", 2, pytest.approx([8.0, 6.0, 16.0, 18.0]), 0)]
+                   ("images/train/a.jpg", 2, [0.0, 0.0, 20.0, 30.0], 0),
+                   ("images/train/b.jpg", 2, pytest.approx([8.0, 6.0, 16.0, 18.0]), 0),
+                   ("images/train/c.jpg", 1, pytest.approx([0.0, 42.0, 12.0, 18.0]), 0)]   # x -4..12, y 42..66
   assert _boxes(jsons["validation"])[1] == [("images/val/v.png", 1, [10.0, 10.0, 20.0, 20.0], 0)]
   assert root == str(tmp_path / "ds")
   assert coco_folder.split_summary("train", data["images"], data["annotations"], data["categories"]) == (
-    "train: 3 images (1 without objects), 3 boxes: cat 1, dog 2")
+    "train: 4 images (1 without objects), 4 boxes: cat 2, dog 2")
   mtime = os.stat(jsons["train"]).st_mtime_ns
   yolo.convert(f"{root}/data.yaml", str(tmp_path / "out"))   # unchanged data: the json is not rewritten
   assert os.stat(jsons["train"]).st_mtime_ns == mtime
@@ -84,14 +86,15 @@ def test_yolo_trains_and_evaluates_through_the_folder_pipeline(tmp_path):
   cfg = _cfg(tmp_path, name="yolo", yaml=yolo_dataset(str(tmp_path / "ds"), val_list=False))
   source = pipeline.open_source(cfg)
   assert source.info.class_names == ("__background__", "cat", "dog")
-  batch = next(pipeline.create_train_dataset(source, global_batch_size=2, image_size=(60, 80), seed=0,
+  batch = next(pipeline.create_train_dataset(source, global_batch_size=3, image_size=(60, 80), seed=0,
                                              process_index=0, process_count=1))
   got = {int(i): (b[m], lab[m]) for i, b, lab, m in zip(batch["image_id"], batch["boxes"], batch["labels"],
                                                          batch["mask"])}
-  # image 1 is a.jpg (sorted), 2 is b.jpg; the background image has no box and is skipped for training
+  # images 1, 2, 4 are a, b, c.jpg (sorted); 3, the background image, has no box and is not trained on
   np.testing.assert_allclose(got[1][0], [[30, 15, 50, 45], [0, 0, 20, 30]], atol=1e-4)
   np.testing.assert_array_equal(got[1][1], [1, 2])
   np.testing.assert_allclose(got[2][0], [[8, 6, 24, 24]], atol=1e-4)
+  np.testing.assert_allclose(got[4][0], [[0, 42, 12, 60]], atol=1e-4)   # image 3 is the background one
   results = [{"image_id": 1, "category_id": 1, "bbox": [10.0, 10.0, 20.0, 20.0], "score": 0.9}]
   assert evaluation.coco_metrics(results, source.info.gt_json)["AP"] == pytest.approx(1.0)
 
@@ -110,6 +113,8 @@ def test_yolo_bad_labels_name_file_and_line(tmp_path, labels, match):
 
 def test_yolo_label_without_image_and_bad_yaml(tmp_path):
   path = yolo_dataset(str(tmp_path / "ds"))
+  _write(str(tmp_path / "ds/labels/train/classes.txt"), "cat\ndog\n")   # labelImg's class list: not a label file
+  yolo.convert(path, str(tmp_path / "out"))
   _write(str(tmp_path / "ds/labels/train/orphan.txt"), "0 0.5 0.5 0.1 0.1\n")
   with pytest.raises(yolo.YoloFormatError, match=r"label file without an image: .*orphan\.txt"):
     yolo.convert(path, str(tmp_path / "out"))

@@ -272,7 +272,7 @@ def test_saved_model_equals_the_predictor_detect_fn(weights, tmp_path):
   outputs in the TFLite layout; re-exporting over it replaces it whole."""
   tf = import_or_skip("tensorflow")
   out = str(tmp_path / "models" / "ssdlite" / "1")
-  export_cli.main(["--torch-weights", weights, "--format", "saved_model", "--out", out, "--max-detections", "100"])
+  export_cli.main(["--torch-weights", weights, "--format", "saved_model", "--out", out, "--max-detections", "50"])
   export_cli.main(["--torch-weights", weights, "--format", "saved_model", "--out", out, "--max-detections", "100"])
   assert sorted(os.listdir(os.path.dirname(out))) == ["1", "1.json"]
   serve = tf.saved_model.load(out).signatures["serving_default"]
@@ -289,8 +289,10 @@ def test_saved_model_equals_the_predictor_detect_fn(weights, tmp_path):
   np.testing.assert_allclose(got["scores"][0], reference["scores"][0][:n], atol=1e-5)
   xyxy = got["boxes"][0][:, [1, 0, 3, 2]] * [size[1], size[0], size[1], size[0]]
   np.testing.assert_allclose(xyxy, reference["boxes"][0][:n], atol=1e-3 * size.max())
-  meta = json.load(open(out + ".json"))
+  with open(out + ".json") as f:
+    meta = json.load(f)
   assert meta["format"] == "saved_model" and meta["signature"] == "serving_default"
+  assert meta["postprocess"]["detections_per_img"] == 100
 
 
 def test_a_failed_directory_export_leaves_nothing(tmp_path):

@@ -38,7 +38,8 @@ RESULTS = [
   _det(1, 4, [0, 0, 20, 20], 0.9),
   _det(1, 4, [50, 50, 20, 20], 0.8),
   _det(1, 9, [80, 0, 10, 10], 0.7),        # nothing there: a false b
-  _det(1, 9, [5, 65, 10, 10], 0.6),        # inside the crowd object: not counted
+  _det(1, 4, [5, 65, 10, 10], 0.6),        # inside the crowd a: not counted
+  _det(1, 9, [10, 70, 10, 10], 0.55),      # a b inside the crowd a: a false b (COCOeval ignores same-class only)
   _det(1, 4, [80, 80, 10, 10], 0.1),       # below the score threshold: not counted
   _det(2, 9, [10, 10, 18, 18], 0.95),      # IoU 324/900 = 0.36 < 0.5: a false b, and the b is missed
   _det(3, 4, [8, 0, 40, 40], 0.5),         # IoU 32/48 = 0.667 with the first a, 38/42 = 0.905 with the second
@@ -49,7 +50,7 @@ def test_confusion_matrix_of_a_hand_built_case():
   matrix = confusion.confusion_matrix(RESULTS, GT, iou_threshold=0.5, score_threshold=0.25)
   #                    true a  true b  background (false detections)
   expected = np.array([[2, 1, 0],    # predicted a
-                       [0, 0, 2],    # predicted b
+                       [0, 0, 3],    # predicted b
                        [1, 1, 0]])   # background: missed objects
   np.testing.assert_array_equal(matrix, expected)
   only_3 = confusion.confusion_matrix(RESULTS, GT, image_ids={3})

@@ -26,6 +26,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from ssdlite_jax import files
+
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -66,23 +68,19 @@ def folder_config(root: str, train_ann: str, val_ann: str = "", train_images: st
 
 
 def write_instances_json(path: str, images, annotations, categories) -> str:
-  """Writes a COCO instances json atomically, and only when its content changes (its mtime is part of the
-  prepared data's name: see folder_config). Returns path."""
+  """Writes a COCO instances json atomically (several processes may write the same one), and only when its
+  content changes. Returns path."""
   text = json.dumps({"images": images, "annotations": annotations, "categories": categories})
   if os.path.exists(path):
     with open(path) as f:
       if f.read() == text:
         return path
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path
+  return files.write_text_atomically(path, text)
 
 
 def split_summary(name: str, images, annotations, categories) -> str:
-  """'name: N images (K without objects), M boxes: cat a, ...' of COCO lists (crowd boxes counted apart)."""
+  """'name: N images (K without objects), M boxes: cat a, ...' of COCO lists (crowd boxes counted apart, and
+  not as objects)."""
   counts = {c["id"]: 0 for c in categories}
   crowd = 0
   for a in annotations:
@@ -90,7 +88,7 @@ def split_summary(name: str, images, annotations, categories) -> str:
       crowd += 1
     else:
       counts[a["category_id"]] += 1
-  background = len(images) - len({a["image_id"] for a in annotations})
+  background = len(images) - len({a["image_id"] for a in annotations if not a.get("iscrowd")})
   per_class = ", ".join(f"{c['name']} {counts[c['id']]}" for c in categories)
   return (f"{name}: {len(images)} images ({background} without objects), {sum(counts.values())} boxes"
           + (f" (+{crowd} ignored)" if crowd else "") + f": {per_class}")

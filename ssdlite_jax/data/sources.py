@@ -6,6 +6,7 @@ example (image left encoded) to the json's view of its objects, in the dataset's
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Callable
@@ -149,8 +150,14 @@ def open_source(cfg) -> Source:
       if not cfg.root:
         raise ValueError("data.name='voc' needs data.root, e.g. VOCdevkit/VOC2012")
       images, jsons = voc.convert(cfg.root, cfg.voc_train_set, cfg.voc_val_set, out_dir)
-    converted = os.path.dirname(next(iter(jsons.values())))   # names the prepared data: yolo_<root>_..., voc_...
+    # Named after the converted jsons' content (not their mtimes): every process, converting on its own,
+    # agrees on the name of the prepared data.
+    digest = hashlib.sha1()
+    for path in jsons.values():
+      with open(path, "rb") as f:
+        digest.update(f.read())
+    converted = os.path.dirname(next(iter(jsons.values())))
     config = coco_folder.folder_config(converted, jsons.get("train", ""), jsons.get("validation", ""), images,
-                                       images)
+                                       images, name=f"{os.path.basename(converted)}_{digest.hexdigest()[:12]}")
     return _folder_source(cfg, config, cfg.eval_gt_json or jsons.get("validation", ""))
   raise ValueError(f"data.name must be one of {DATASETS}, got {cfg.name!r}")

@@ -75,7 +75,7 @@ def read_annotation(path: str, image_id: str) -> dict:
 
 
 def convert(root: str, train_set: str, val_set: str, out_dir: str):
-  """Converts root's two image sets to out_dir/<name>/instances_{train,val}.json.
+  """Converts root's two image sets to out_dir/<name>/instances_<image set>.json.
 
   Returns (images folder, {split: json path}) with split in ('train', 'validation').
   """

@@ -9,8 +9,10 @@ Each image `.../images/.../x.jpg` has its labels in `.../labels/.../x.txt`, one 
 `class cx cy w h` normalised to [0, 1] (a polygon `class x1 y1 x2 y2 x3 y3 ...` becomes its bounding box, as
 Ultralytics does). Class k becomes category id k + 1 named names[k].
 
-An image without a label file, or with an empty one, is a background image (kept; train.py's start-up
-summary counts them).
+An image without a label file, or with an empty one, is a background image: in the json (so evaluated) but,
+as torchvision's rule for images without a box, not trained on; train.py's start-up summary counts them.
+Boxes are clipped to the image (a centre near the border with a wide box reaches past it). A labels folder's
+`classes.txt` (labelImg's class list) is not a label file.
 Errors name the file and line: a class outside `names`, a value outside [0, 1], a box of zero size, a
 malformed line, a label file without an image (folder splits), an image whose EXIF orientation would move
 its boxes (YOLO labels refer to the upright image, the pipeline reads the stored pixels: as torchvision).
@@ -112,7 +114,9 @@ def _read_labels(path: str, num_classes: int, width: int, height: int):
       raise YoloFormatError(f"{where}: coordinates {values} are not all in [0, 1] (normalised)")
     if w <= 0 or h <= 0:
       raise YoloFormatError(f"{where}: box of zero size (w={w:g}, h={h:g})")
-    objects.append((cls, [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]))
+    x1, y1 = max(cx - w / 2, 0.0) * width, max(cy - h / 2, 0.0) * height
+    x2, y2 = min(cx + w / 2, 1.0) * width, min(cy + h / 2, 1.0) * height
+    objects.append((cls, [x1, y1, x2 - x1, y2 - y1]))
   return objects
 
 
@@ -153,7 +157,7 @@ def _convert_split(entries, names, root, yaml_path):
     if labels_dir and os.path.isdir(labels_dir):
       for d, _, files in os.walk(labels_dir):
         for f in sorted(files):
-          if f.endswith(".txt") and os.path.join(d, f) not in labelled:
+          if f.endswith(".txt") and f != "classes.txt" and os.path.join(d, f) not in labelled:
             raise YoloFormatError(f"label file without an image: {os.path.join(d, f)} (no image of that name "
                                   f"under {entry})")
   return images, annotations

@@ -75,17 +75,22 @@ def write_atomically(path: str, data: bytes, meta: Dict[str, Any]) -> None:
 def write_directory_atomically(path: str, write: Callable[[str], None], meta: Dict[str, Any]) -> None:
   """Has `write` fill a temporary directory, then puts it at `path` (replacing an older one) and `path`.json:
   a failure never leaves a partial directory."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp, tmp_meta, old = path + ".tmp", path + ".json.tmp", path + ".old"
+  for leftover in (tmp, old):   # of an export that was killed
+    shutil.rmtree(leftover, ignore_errors=True)
   try:
-    shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
     with open(tmp_meta, "w") as f:
       json.dump(meta, f, indent=2)
     if os.path.exists(path):
       os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+      os.replace(tmp, path)
+    except OSError:
+      if os.path.exists(old):
+        os.replace(old, path)   # the previous export stays
+      raise
     os.replace(tmp_meta, path + ".json")
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
