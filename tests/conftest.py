@@ -16,7 +16,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # Modules marked tf as a whole that import TensorFlow at the top: a run that deselects tf tests (the current-JAX
 # CI line, which has no TensorFlow) does not import them either.
-TF_MODULES = {"test_data_augment.py", "test_data_coco2017.py", "test_data_coco_folder.py", "test_data_pipeline.py"}
+TF_MODULES = {"test_data_augment.py", "test_data_coco2017.py", "test_data_coco_folder.py", "test_data_formats.py",
+              "test_data_pipeline.py"}
 
 
 def pytest_ignore_collect(collection_path, config):
