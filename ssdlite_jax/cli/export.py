@@ -4,13 +4,16 @@
   python export.py --torch-weights ssdlite320.pth --format tflite --out coco.tflite --score-thresh 0.3
   python export.py --checkpoint DIR --format tflite-int8 --calibration-data configs/synthetic.py --out mine.tflite
   python export.py --checkpoint DIR --format saved_model --out models/mine/1
+  python export.py --checkpoint DIR --format onnx --out mine.onnx   # in the venv of requirements-onnx.txt
 
 Writes OUT and OUT.json (metadata: classes, input/output layout, post-processing). Formats: stablehlo
 (jax.export, batch-polymorphic; ssdlite_jax/export/stablehlo.py says how to run it), tflite (LiteRT float32,
 batch 1, the 4-output SSD layout; ssdlite_jax/export/tflite.py) and tflite-int8 (the same layout, int8 network
 calibrated on the first --calibration-images train images of the --calibration-data config's dataset,
 preprocessed as for evaluation; uint8 input) and saved_model (the tflite float32 graph as a TensorFlow SavedModel
-directory for TF Serving; ssdlite_jax/export/saved_model.py).
+directory for TF Serving; ssdlite_jax/export/saved_model.py) and onnx (opset 18, dynamic batch, NMS as ONNX's
+NonMaxSuppression, for onnxruntime; converted by jax2onnx, installed apart: pip install -r requirements-onnx.txt;
+ssdlite_jax/export/onnx.py).
 """
 
 import argparse
@@ -18,10 +21,10 @@ import os
 import sys
 
 from ssdlite_jax import export as export_lib
-from ssdlite_jax.export import saved_model, stablehlo, tflite
+from ssdlite_jax.export import onnx, saved_model, stablehlo, tflite
 
 # each: export(...) -> (file bytes, or a function that fills a directory; metadata extras), and KERNELS
-FORMATS = {"stablehlo": stablehlo, "tflite": tflite, "tflite-int8": tflite, "saved_model": saved_model}
+FORMATS = {"stablehlo": stablehlo, "tflite": tflite, "tflite-int8": tflite, "saved_model": saved_model, "onnx": onnx}
 
 
 def main(argv=None):
@@ -65,7 +68,7 @@ def main(argv=None):
     else:
       export_lib.write_atomically(args.out, data, meta)
       size = len(data)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:   # the last: a format's converter missing
     sys.exit(f"error: {e}")
   print(f"wrote {args.out} ({size / 1e6:.1f} MB, {args.format}) and {args.out}.json")
 

@@ -4,6 +4,8 @@
   tflite      LiteRT float32, batch 1, MediaPipe's 4-output SSD layout, TFLite builtin ops only (.tflite)
   tflite-int8 the same with an int8 network calibrated on the config's train images, uint8 input
   saved_model the tflite graph as a TensorFlow SavedModel directory (TF Serving), float32 input
+  onnx        ONNX opset 18, dynamic batch, NMS as NonMaxSuppression (onnxruntime); jax2onnx converts, in the
+              separate venv of requirements-onnx.txt (.onnx)
 
 Every file (or SavedModel directory) comes with `<file>.json`: the metadata (model variant, classes, input and
 output layout, post-processing settings, where the weights came from) that a runtime needs to use it.
