@@ -13,7 +13,6 @@ import jax
 import numpy as np
 
 from ssdlite_jax import detect, preprocess
-from ssdlite_jax.data import coco_labels
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.models import Detector
 
@@ -64,13 +63,8 @@ class Predictor:
 
   @property
   def class_names(self) -> Sequence[str]:
-    """Names indexed by label: the checkpoint's, else COCO's for 91-class weights, else the label numbers."""
-    cfg = self.detector.config
-    if cfg.class_names:
-      return tuple(cfg.class_names)
-    if cfg.num_classes == coco_labels.NUM_CLASSES:
-      return tuple(coco_labels.coco_class_names())
-    return tuple(str(i) for i in range(cfg.num_classes))
+    """Names indexed by label (Detector.class_names)."""
+    return self.detector.class_names
 
   def __call__(self, images: Sequence[np.ndarray]) -> List[Dict[str, np.ndarray]]:
     images = [to_rgb_uint8(im, f"images[{i}]") for i, im in enumerate(images)]

@@ -3,10 +3,12 @@ file's metadata, and bad input. StableHLO: the full SSDlite320 through the CLI, 
 run bit-exact in a venv that has only jax and jaxlib. TFLite: the full SSDlite320 on the LiteRT interpreter,
 builtin ops only, MediaPipe's output order."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -129,11 +131,17 @@ def _run_tflite(path, image):
   return outputs, {op["op_name"] for op in interpreter._get_ops_details()}
 
 
+@pytest.fixture(scope="module")
+def tflite_file(weights, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("export") / "ssdlite320.tflite")
+  export_cli.main(["--torch-weights", weights, "--format", "tflite", "--out", out])
+  return out
+
+
 @pytest.mark.tf
 @pytest.mark.torch
-def test_tflite_equals_the_predictor_detect_fn(weights, tmp_path):
-  out = str(tmp_path / "ssdlite320.tflite")
-  export_cli.main(["--torch-weights", weights, "--format", "tflite", "--out", out])
+def test_tflite_equals_the_predictor_detect_fn(weights, tflite_file):
+  out = tflite_file
   detector, variables, _ = load_detector(weights)
   size = np.array([240, 300], np.int32)
   image = _images(1)[0]
@@ -151,6 +159,86 @@ def test_tflite_equals_the_predictor_detect_fn(weights, tmp_path):
   np.testing.assert_allclose(xyxy, reference["boxes"][0][:n], atol=1e-3 * size.max())
   meta = json.load(open(out + ".json"))
   assert meta["format"] == "tflite" and list(meta["outputs"]) == ["boxes", "classes", "scores", "num"]
+
+
+def _mediapipe_detect(path, images, score_threshold):
+  """MediaPipe Tasks' ObjectDetector on the file, unchanged: per uint8 image, (boxes [n, 4] xyxy pixels, label
+  names [n], scores [n]) by decreasing score, one row per category (MediaPipe merges detections of one box into a
+  detection with several categories; its boxes are whole pixels: origin and size)."""
+  mp = import_or_skip("mediapipe")
+  from mediapipe.tasks.python import BaseOptions, vision
+  options = vision.ObjectDetectorOptions(base_options=BaseOptions(model_asset_path=path),
+                                         score_threshold=score_threshold)
+  out = []
+  with vision.ObjectDetector.create_from_options(options) as detector:
+    for image in images:
+      rows = [((b.origin_x, b.origin_y, b.origin_x + b.width, b.origin_y + b.height), c.category_name, c.score)
+              for d in detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=image)).detections
+              for b in [d.bounding_box] for c in d.categories]
+      rows.sort(key=lambda r: -r[2])
+      out.append((np.array([r[0] for r in rows], np.float64).reshape(-1, 4), [r[1] for r in rows],
+                  np.array([r[2] for r in rows], np.float32)))
+  return out
+
+
+def _assert_same_detections(got, want, score_atol, box_atol):
+  """got and want: (boxes [n, 4] xyxy px, names [n], scores [n]); the same detections, one to one, in any order
+  among equal scores (MediaPipe's and LiteRT's orders differ there)."""
+  assert len(got[1]) == len(want[1]) > 0
+  unmatched = list(range(len(want[1])))
+  for box, name, score in zip(*got):
+    fits = [j for j in unmatched if want[1][j] == name and abs(want[2][j] - score) <= score_atol
+            and np.abs(want[0][j] - box).max() <= box_atol]
+    assert fits, (box, name, score)
+    unmatched.remove(fits[0])
+
+
+def _iou(a, b):
+  """IoU [len(a), len(b)] of xyxy boxes."""
+  lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+  inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+  area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)
+  return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+@pytest.mark.tf
+@pytest.mark.torch
+def test_mediapipe_object_detector_runs_the_tflite_file(weights, tflite_file):
+  """The exported file as MediaPipe's ObjectDetector reads it (its metadata: input normalisation, the four
+  outputs by name, labels.txt) gives the Predictor's detections above its score threshold. At the model size
+  the input is the same and so are the detections; other sizes are resized by MediaPipe's own sampling (it
+  stretches, as the Predictor, but samples elsewhere), so there its best detections match the Predictor's."""
+  from ssdlite_jax.inference import Predictor
+  predictor = Predictor.from_torch(weights)
+  images = [(smooth_images(1, h, w, seed=21 + i)[0] * 255).round().astype(np.uint8) for i, (h, w) in enumerate(SIZES)]
+  threshold = 0.02   # random weights: about 15 of the 300 detections per image
+  for k, ((boxes, names, scores), ref) in enumerate(zip(_mediapipe_detect(tflite_file, images, threshold),
+                                                        predictor(images))):
+    keep = ref["scores"] >= threshold
+    ref_names = [predictor.class_names[label] for label in ref["labels"][keep]]
+    if k == 0:   # 320 x 320: no resize
+      assert len(names) > 10
+      # boxes: MediaPipe rounds origin and size to whole pixels
+      _assert_same_detections((boxes, names, scores), (ref["boxes"][keep], ref_names, ref["scores"][keep]),
+                              score_atol=1e-5, box_atol=2.0)
+    else:
+      assert abs(len(names) - int(keep.sum())) <= 0.3 * keep.sum()
+      iou = _iou(boxes[:5], ref["boxes"][keep])
+      for i in range(5):
+        same = (iou[i] > 0.9) & (np.array(ref_names) == names[i])
+        assert same.any() and np.abs(ref["scores"][keep][same] - scores[i]).min() < 1e-3, (k, i)
+  with open(tflite_file, "rb") as f:
+    data = f.read()
+  assert zipfile.ZipFile(io.BytesIO(data)).read("labels.txt").decode().split("\n") == list(predictor.class_names[1:])
+  from mediapipe.tasks.metadata import metadata_schema_py_generated as metadata_fb, schema_py_generated as schema_fb
+  model = schema_fb.Model.GetRootAsModel(data, 0)
+  buffer, = [model.Buffers(model.Metadata(i).Buffer()).DataAsNumpy().tobytes() for i in range(model.MetadataLength())
+             if model.Metadata(i).Name() == b"TFLITE_METADATA"]
+  subgraph = metadata_fb.ModelMetadata.GetRootAsModelMetadata(buffer, 0).SubgraphMetadata(0)
+  assert [subgraph.OutputTensorMetadata(i).Name() for i in range(4)] == [
+      b"location", b"category", b"score", b"number of detections"]   # the file's output order
+  # The schema's table (metadata_version.cc): output tensor groups came with 1.2.0, the rest with 1.0.0.
+  assert metadata_fb.ModelMetadata.GetRootAsModelMetadata(buffer, 0).MinParserVersion() == b"1.2.0"
 
 
 @pytest.mark.tf
@@ -263,6 +351,14 @@ def test_tflite_int8_network_with_float_scores(train_cli, tmp_path, capsys):
   # Measured: 0.136 on each image (a random quarter-width net with logits scaled up; bench/export.py measures
   # the mAP change of a trained model). Scores collapsed onto int8 steps would be off by far more.
   assert max(gaps) <= 0.25, gaps
+  # MediaPipe runs the int8 file as well (uint8 input, no normalisation): at the model size, LiteRT's detections.
+  (boxes, names, scores), = _mediapipe_detect(files["tflite-int8"], pixels[:1], 0.3)
+  (lite_boxes, lite_classes, lite_scores, _), _ = _run_tflite(files["tflite-int8"], pixels[0])
+  keep = lite_scores[0] >= 0.3
+  _assert_same_detections(
+      (boxes, names, scores),
+      (lite_boxes[0][keep][:, [1, 0, 3, 2]] * 128, [str(int(c) + 1) for c in lite_classes[0][keep]],  # labels.txt
+       lite_scores[0][keep]), score_atol=1e-6, box_atol=2.0)
 
 
 @pytest.mark.tf

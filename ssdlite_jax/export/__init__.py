@@ -49,7 +49,7 @@ def metadata(detector: Detector, source: str, fmt: str, **extra) -> Dict[str, An
       "format": fmt,
       "source": source,
       "model": {"backbone": cfg.backbone, "head": cfg.head, "num_classes": cfg.num_classes,
-                "class_names": list(cfg.class_names), "image_size": [cfg.image_size, cfg.image_size]},
+                "class_names": list(detector.class_names), "image_size": [cfg.image_size, cfg.image_size]},
       "postprocess": {"score_thresh": cfg.score_thresh, "nms_thresh": cfg.nms_thresh,
                       "topk_candidates": cfg.topk_candidates, "detections_per_img": cfg.detections_per_img,
                       "box_coder_weights": list(cfg.box_coder_weights)},

@@ -1,5 +1,6 @@
 """LiteRT / TFLite export, float32 or int8, in the 4-tensor SSD layout of MediaPipe's ObjectDetector ("in-model
-NMS") and the TF Object Detection API apps, built from TFLite builtin ops only (no custom op).
+NMS") and the TF Object Detection API apps, built from TFLite builtin ops only (no custom op), with MediaPipe
+metadata (mediapipe_metadata.py) so that its ObjectDetector runs the file unchanged.
 
   input    float32: images [1, S, S, 3] RGB in [0, 1] at the model size (MediaPipe normalisation: mean 0, std 255)
            int8:    images [1, S, S, 3] uint8 RGB pixels at the model size (no input quantisation parameters)
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssdlite_jax import postprocess
+from ssdlite_jax.export import mediapipe_metadata
 from ssdlite_jax.models import Detector
 
 # XLA's grouped and 1x1 convolutions become TFLite's DEPTHWISE_CONV_2D and CONV_2D (the CPU kernels' shift-and-add
@@ -117,7 +119,9 @@ def export(detector: Detector, variables: Dict[str, Any], calibration: Optional[
   flatbuffer = converter.convert()
   if int8:
     flatbuffer = _quantize(converter, flatbuffer, calibration)
-  return flatbuffer, extras
+  extras["mediapipe"] = "ObjectDetector metadata: labels.txt, " + (
+      "uint8 input" if int8 else "float32 input normalised with mean 0, std 255")
+  return mediapipe_metadata.populate(flatbuffer, detector.class_names, float_input=not int8), extras
 
 
 def _quantize(converter, float_flatbuffer: bytes, calibration: np.ndarray) -> bytes:

@@ -6,7 +6,7 @@ A new SSD variant registers its backbone (a module returning NHWC feature maps a
 
 import dataclasses
 import functools
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ import numpy as np
 
 from ssdlite_jax import anchors as anchors_lib
 from ssdlite_jax import kernels as kernels_lib
+from ssdlite_jax.data import coco_labels
 from ssdlite_jax.models import layers
 from ssdlite_jax.models.heads import SSDLitePredictor, SSDPredictor
 from ssdlite_jax.dtypes import wide_dtype
@@ -127,6 +128,15 @@ class Detector:
   @property
   def image_size(self):
     return (self.config.image_size, self.config.image_size)
+
+  @property
+  def class_names(self) -> Tuple[str, ...]:
+    """Names indexed by label: the config's, else COCO's for 91-class weights, else the label numbers."""
+    if self.config.class_names:
+      return tuple(self.config.class_names)
+    if self.config.num_classes == coco_labels.NUM_CLASSES:
+      return tuple(coco_labels.coco_class_names())
+    return tuple(str(i) for i in range(self.config.num_classes))
 
   def init(self, rng) -> Dict[str, Any]:
     """Fresh variables {"params", "batch_stats"} with torchvision's from-scratch initialisation (batch_stats
