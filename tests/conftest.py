@@ -1,5 +1,5 @@
 """Shared test setup: torch before TensorFlow, float32 at full precision, the modules left out under
--m "not tf", the train.py environment fixture. Helpers live in tests/helpers.py."""
+-m "not tf" and without -m onnx, the train.py environment fixture. Helpers live in tests/helpers.py."""
 
 import os
 
@@ -20,8 +20,16 @@ TF_MODULES = {"test_data_augment.py", "test_data_coco2017.py", "test_data_coco_f
               "test_data_pipeline.py"}
 
 
+# Modules marked onnx that need the ONNX venv (requirements-onnx.txt: jax2onnx, onnxruntime; no TensorFlow or
+# torch), collected only when the -m expression selects onnx: pytest -m onnx.
+ONNX_MODULES = {"test_export_onnx.py"}
+
+
 def pytest_ignore_collect(collection_path, config):
-  if collection_path.name in TF_MODULES and "not tf" in (config.option.markexpr or ""):
+  markexpr = config.option.markexpr or ""
+  if collection_path.name in TF_MODULES and "not tf" in markexpr:
+    return True
+  if collection_path.name in ONNX_MODULES and ("onnx" not in markexpr or "not onnx" in markexpr):
     return True
   return None
 

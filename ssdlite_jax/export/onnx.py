@@ -152,12 +152,13 @@ def _append_postprocess(model, detector: Detector):
 
 def export(detector: Detector, variables: Dict[str, Any]) -> Tuple[bytes, Dict[str, Any]]:
   """(the .onnx file, metadata extras) of the detector, dynamic batch."""
-  jax2onnx, _ = _require()
+  from importlib import metadata
+
   model, d = _append_postprocess(network_model(detector, variables), detector)
   size = detector.image_size
   extras = {
       "opset": OPSET,
-      "jax2onnx_version": jax2onnx.__version__ if hasattr(jax2onnx, "__version__") else None,
+      "jax2onnx_version": metadata.version("jax2onnx"),
       "inputs": {"images": ["b", *size, 3, "float32 RGB in [0, 1], resized to the model size"]},
       "outputs": {"boxes": f"[b, {d}, 4] float32 (x1, y1, x2, y2) as fractions of the image width / height",
                   "scores": f"[b, {d}] float32", "labels": f"[b, {d}] int64: index into class_names",
