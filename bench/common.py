@@ -32,10 +32,10 @@ def median(xs):
   return statistics.median(xs)
 
 
-def run_worker(module: str, args, env=None):
-  """Runs `python -m module args` (from the repository root) in a fresh process; returns the dict printed on its
-  last 'RESULT ' line."""
-  cmd = [sys.executable, "-m", module] + [str(a) for a in args]
+def run_worker(module: str, args, env=None, python: str = sys.executable):
+  """Runs `python -m module args` (from the repository root) in a fresh process (this interpreter, or another
+  venv's `python`); returns the dict printed on its last 'RESULT ' line."""
+  cmd = [python, "-m", module] + [str(a) for a in args]
   full_env = dict(os.environ)
   full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if env:

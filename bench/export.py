@@ -3,6 +3,7 @@
 --checkpoint, the COCO mAP of the Predictor and of both LiteRT files on the config's validation split.
 
   python -m bench.export [--runs 30] [--checkpoint runs/synthetic/checkpoints] [--config configs/synthetic.py]
+                         [--onnx-python .venv-onnx/bin/python]
 
 Weights: a random torchvision SSDlite320 (the file formats' sizes and speeds do not depend on the values; random
 init gives 300 detections per image, the post-processing's worst case), or the --checkpoint's. tflite-int8 is
@@ -47,6 +48,8 @@ def main():
   p.add_argument("--runs", type=int, default=30)
   p.add_argument("--checkpoint", default=None, help="trained weights: adds the mAP of each format")
   p.add_argument("--config", default="configs/synthetic.py", help="calibration and evaluation data")
+  p.add_argument("--onnx-python", default=None,
+                 help="the python of a requirements-onnx.txt venv (e.g. .venv-onnx/bin/python): adds the onnx row")
   args = p.parse_args()
   import torch  # before TensorFlow
   import torchvision
@@ -96,6 +99,9 @@ def main():
       call = interpreter.invoke
     row["latency_s"] = common.median(common.time_calls(call, args.runs, 3))
     rows[f"{fmt} ({name})"] = row
+  if args.onnx_python:   # jax2onnx and onnxruntime live in a venv of their own
+    rows["onnx (model.onnx)"] = common.run_worker("bench.export_onnx", ["--source", weights, "--runs", args.runs],
+                                                  python=args.onnx_python)
 
   if args.checkpoint:
     from ssdlite_jax import evaluation

@@ -22,10 +22,11 @@ from ssdlite_jax.export import onnx as onnx_export, with_overrides
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.models import build_model, default_model_config
 from ssdlite_jax.models.layers import BatchNorm
+from tests.helpers import import_or_skip
 from tests.torch_reference import smooth_images
 
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
+ort = import_or_skip("onnxruntime")   # under CI=true a missing package fails instead of skipping
+onnx = import_or_skip("onnx")
 
 pytestmark = pytest.mark.onnx
 
