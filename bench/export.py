@@ -117,7 +117,8 @@ def main():
       row.update(evaluate(_tflite_detect_fn(files[fmt], threads, fmt == "tflite-int8")))
 
   tv = rows["torchvision eager"]["latency_s"]
-  print(f"export, SSDlite320 {detector.config.num_classes} classes (background included), batch 1, 320x320 float input, {threads} CPUs")
+  print(f"export, SSDlite320 {detector.config.num_classes} classes (background included), batch 1, "
+        f"320x320 float input, {threads} CPUs")
   print(f"{'':<32}{'latency ms':>12}{'vs torchvision':>16}{'size MB':>10}{'convert s':>11}{'AP':>8}{'AP50':>8}")
   for name, r in rows.items():
     size = f"{r['size_mb']:.2f}" if "size_mb" in r else ""

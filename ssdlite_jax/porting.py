@@ -149,7 +149,13 @@ def load_state_dict(path: str) -> StateDict:
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
     return dict(load_file(path))
-  import torch
+  try:
+    import torch
+  except ModuleNotFoundError:   # e.g. the ONNX venv (requirements-onnx.txt), which has no torch
+    raise ModuleNotFoundError(
+        f"{path}: reading a .pth needs torch (pip install '.[torch]'). Or, where torch is installed, turn it "
+        f"once into a checkpoint (python port_weights.py to-flax --torch {path} --out DIR) or a .safetensors "
+        f"file, which load without torch") from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:

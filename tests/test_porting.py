@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import re
+import sys
 
 import jax
 import numpy as np
@@ -139,6 +140,18 @@ def test_code_carrying_pickle_is_refused(tmp_path):
   with pytest.raises(ValueError, match="evil.pth: refused"):
     porting.load_state_dict(str(path))
   assert not marker.exists()
+
+
+def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
+  # the ONNX venv has no torch: exporting from a .pth there names the file and the ways round it
+  from ssdlite_jax.cli import export as export_cli
+  path = tmp_path / "coco.pth"
+  path.write_bytes(b"not read")
+  monkeypatch.setitem(sys.modules, "torch", None)   # `import torch` raises ModuleNotFoundError
+  out = tmp_path / "coco.onnx"
+  with pytest.raises(SystemExit, match=r"coco\.pth: reading a \.pth needs torch .*port_weights\.py to-flax"):
+    export_cli.main(["--torch-weights", str(path), "--format", "onnx", "--out", str(out)])
+  assert not out.exists()
 
 
 def test_from_scratch_init_matches_torchvision_recipe():
