@@ -5,8 +5,9 @@ import os
 import sys
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-# The programs import TensorFlow (input pipeline) after this package: its and XLA's C++ INFO lines (oneDNN
-# notices and the like) stay off unless the user sets TF_CPP_MIN_LOG_LEVEL=0 themselves.
+# The programs import TensorFlow (input pipeline) after this package: its and XLA's C++ INFO lines stay off
+# unless the user sets TF_CPP_MIN_LOG_LEVEL=0 themselves (all but TF 2.21's oneDNN notice on AVX-512 CPUs, which
+# it logs before absl::InitializeLog, whatever the level).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
