@@ -17,8 +17,6 @@ import sys
 import types
 from typing import Sequence
 
-import flatbuffers
-
 _DESCRIPTION = "SSD detector exported by ssdlite-jax: network, box decoding, per-class top-k and NMS in the graph."
 _OUTPUTS = ("location", "category", "score", "number of detections")   # in the file's output order
 
@@ -27,6 +25,7 @@ def populate(flatbuffer: bytes, class_names: Sequence[str], float_input: bool) -
   """The .tflite `flatbuffer` (exported by tflite.py) with MediaPipe metadata and labels.txt (`class_names`
   without the background at 0) packed in; the graph itself is unchanged."""
   try:
+    import flatbuffers
     from mediapipe.tasks.metadata import metadata_schema_py_generated as fb
     from mediapipe.tasks.metadata import schema_py_generated as schema_fb
     from mediapipe.tasks.python.metadata.metadata_writers import metadata_info
