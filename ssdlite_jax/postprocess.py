@@ -38,8 +38,8 @@ def per_class_nms(boxes, valid, iou_threshold: float):
 
 
 def decode_boxes(bbox_regression, anchors, image_size, weights=box_coder.DEFAULT_WEIGHTS):
-  """One image's bbox_regression [A, 4] -> boxes [A, 4] xyxy px decoded from the anchors and clipped to the
-  (H, W) = image_size model input (also the tflite export's JAX part)."""
+  """bbox_regression [..., A, 4] -> boxes [..., A, 4] xyxy px decoded from the anchors [A, 4] and clipped to the
+  (H, W) = image_size model input (also the tflite and onnx exports' JAX part)."""
   return box_ops.clip_boxes(box_coder.decode(bbox_regression, anchors, weights), *image_size)
 
 

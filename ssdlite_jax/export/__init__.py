@@ -16,9 +16,17 @@ import os
 import shutil
 from typing import Any, Callable, Dict, Optional
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from ssdlite_jax import postprocess
 from ssdlite_jax.models import Detector, build_model
+
+# Name scopes of the JAX part of the tflite and onnx graphs (the int8 converter keeps every tensor outside
+# NETWORK_SCOPE in float32).
+NETWORK_SCOPE, DECODE_SCOPE = "ssd_network", "ssd_decode"
 
 
 def with_overrides(detector: Detector, kernels: str, score_thresh: Optional[float] = None,
@@ -40,6 +48,22 @@ def with_overrides(detector: Detector, kernels: str, score_thresh: Optional[floa
     cfg.image_size = int(image_size)
   cfg.kernels = kernels
   return build_model(cfg)
+
+
+def network_and_decode(detector: Detector, variables):
+  """The JAX part of the tflite and onnx graphs, `variables` baked in: images [B, S, S, 3] in [0, 1] -> (boxes
+  [B, A, 4] xyxy model px, decoded and clipped; class logits [B, A, K] float32). Each format appends its own
+  selection (scores, top-k, NMS) in its runtime's ops."""
+  anchors = np.asarray(detector.anchors, np.float32)
+  weights = tuple(detector.config.box_coder_weights)
+
+  def fn(images):
+    with jax.named_scope(NETWORK_SCOPE):
+      out = detector.module.apply(variables, images, train=False)
+    with jax.named_scope(DECODE_SCOPE):
+      boxes = postprocess.decode_boxes(out["bbox_regression"], anchors, detector.image_size, weights)
+    return boxes, out["cls_logits"].astype(jnp.float32)
+  return fn
 
 
 def metadata(detector: Detector, source: str, fmt: str, **extra) -> Dict[str, Any]:

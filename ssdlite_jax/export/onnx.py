@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssdlite_jax import postprocess
+from ssdlite_jax.export import network_and_decode
 from ssdlite_jax.models import Detector
 
 # Plain XLA convolutions (grouped and 1x1 lax.conv), which jax2onnx converts to ONNX Conv.
@@ -53,14 +53,11 @@ def _require():
 def _network_scores_and_boxes(detector: Detector, variables):
   """images [B, S, S, 3] in [0, 1] -> (boxes [B, A, 4] xyxy model px, decoded and clipped; foreground scores
   [B, C, A], softmax over all K = C + 1 classes)."""
-  anchors = np.asarray(detector.anchors, np.float32)
-  weights = tuple(detector.config.box_coder_weights)
+  jax_part = network_and_decode(detector, variables)
 
   def fn(images):
-    out = detector.module.apply(variables, images, train=False)
-    boxes = postprocess.decode_boxes(out["bbox_regression"], anchors, detector.image_size, weights)
-    scores = jax.nn.softmax(out["cls_logits"].astype(jnp.float32), axis=-1)[..., 1:]
-    return boxes, jnp.swapaxes(scores, 1, 2)
+    boxes, logits = jax_part(images)
+    return boxes, jnp.swapaxes(jax.nn.softmax(logits, axis=-1)[..., 1:], 1, 2)
   return fn
 
 

@@ -22,39 +22,16 @@ below one int8 step of a [0, 1] score). Needs TensorFlow to convert, only ai-edg
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ssdlite_jax import postprocess
-from ssdlite_jax.export import mediapipe_metadata
+from ssdlite_jax.export import NETWORK_SCOPE, mediapipe_metadata, network_and_decode
 from ssdlite_jax.models import Detector
 
 # XLA's grouped and 1x1 convolutions become TFLite's DEPTHWISE_CONV_2D and CONV_2D (the CPU kernels' shift-and-add
 # runs 12x slower in LiteRT, and their matmul form of the SE block's 1x1 convs does not convert).
 KERNELS = "xla"
-
-
-# Name scopes of the JAX part: the int8 converter keeps every tensor outside NETWORK_SCOPE in float32.
-NETWORK_SCOPE, DECODE_SCOPE = "ssd_network", "ssd_decode"
 # TF-side ops the int8 quantiser would otherwise quantise (by op type: their TF names carry no scope).
 FLOAT_OPS = ["TOPK_V2", "GATHER", "NON_MAX_SUPPRESSION_V5"]
-
-
-def _network_and_decode(detector: Detector, variables):
-  """images [1, S, S, 3] in [0, 1] -> (boxes [A, 4] xyxy model px, decoded and clipped; class logits [A, K]
-  float32)."""
-  anchors = np.asarray(detector.anchors, np.float32)
-  weights = tuple(detector.config.box_coder_weights)
-
-  def fn(images):
-    with jax.named_scope(NETWORK_SCOPE):
-      out = detector.module.apply(variables, images, train=False)
-    with jax.named_scope(DECODE_SCOPE):
-      boxes = postprocess.decode_boxes(out["bbox_regression"][0], anchors, detector.image_size, weights)
-    return boxes, out["cls_logits"][0].astype(jnp.float32)
-  return fn
-
-
 OUTPUTS = ("boxes", "classes", "scores", "num")
 
 
@@ -66,7 +43,8 @@ def detect_function(detector: Detector, variables: Dict[str, Any], int8: bool = 
 
   cfg = detector.config
   size = detector.image_size
-  network = jax2tf.convert(_network_and_decode(detector, jax.device_get(variables)), with_gradient=False)
+  jax_part = network_and_decode(detector, jax.device_get(variables))
+  network = jax2tf.convert(lambda images: tuple(x[0] for x in jax_part(images)), with_gradient=False)
   num_fg = cfg.num_classes - 1
   k = min(cfg.topk_candidates, len(detector.anchors))
   d = min(cfg.detections_per_img, num_fg * k)
