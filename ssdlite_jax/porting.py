@@ -48,8 +48,9 @@ def key_map(detector: Detector) -> List[Tuple[str, Tuple[str, ...], str, bool]]:
   return _expand(detector.torchvision_modules())
 
 
-def _abstract_variables(detector: Detector):
-  return jax.eval_shape(detector.init, jax.random.key(0))
+def _shapes(variables) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+  """{(collection,) + flax path: shape} of a variables pytree (arrays or ShapeDtypeStructs)."""
+  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(variables).items()}
 
 
 def _to_flax_leaf(value: np.ndarray, is_kernel: bool, key: str) -> np.ndarray:
@@ -74,7 +75,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], detector: Detector,
   entries = key_map(detector)
   expected = {torch_key for _, _, torch_key, _ in entries}
   problems = [f"unexpected key {k} {tuple(np.shape(v))}" for k, v in state_dict.items() if k not in expected]
-  flat, missing = _read(state_dict, entries, detector)
+  flat, missing = _read(state_dict, entries, _shapes(jax.eval_shape(detector.init, jax.random.key(0))))
   problems += missing
   if not skip_mismatched:
     if problems:
@@ -85,13 +86,12 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], detector: Detector,
   return with_batch_stats(flax.traverse_util.unflatten_dict(merged)), problems
 
 
-def _read(state_dict, entries, detector: Detector):
-  """({(collection,) + flax path: value} of `entries` found in `state_dict`, problems: one line per missing or
-  mis-shaped key)."""
-  abstract = flax.traverse_util.flatten_dict(_abstract_variables(detector))
+def _read(state_dict, entries, shapes):
+  """({(collection,) + flax path: value} of `entries` found in `state_dict` with the flax shape `shapes` gives
+  them, problems: one line per missing or mis-shaped key)."""
   flat, problems = {}, []
   for coll, path, torch_key, is_kernel in entries:
-    want = abstract[(coll,) + path].shape
+    want = shapes[(coll,) + path]
     if torch_key not in state_dict:
       problems.append(f"missing key {torch_key} (expected shape {_torch_shape(want, is_kernel)})")
       continue
@@ -113,7 +113,7 @@ def import_backbone(state_dict: Mapping[str, np.ndarray], detector: Detector, va
   if not hasattr(backbone, "imagenet_modules"):
     raise ValueError(f"model.backbone={detector.config.backbone!r} has no ImageNet weight import")
   entries = _expand({("backbone",) + path: v for path, v in backbone.imagenet_modules().items()})
-  flat, problems = _read(state_dict, entries, detector)
+  flat, problems = _read(state_dict, entries, _shapes(variables))
   if problems:
     raise ValueError("not the backbone's ImageNet weights:\n  " + "\n  ".join(problems))
   merged = flax.traverse_util.flatten_dict(jax.device_get(variables))
