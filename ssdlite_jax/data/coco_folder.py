@@ -67,6 +67,13 @@ def folder_config(root: str, train_ann: str, val_ann: str = "", train_images: st
   return CocoFolderConfig(name=name, version="1.0.0", splits=tuple(splits))
 
 
+def converted_dir(out_dir: str, kind: str, root: str, key: str) -> str:
+  """out_dir/<kind>_<root's folder name>_<12 hex digits of sha1(key)>: where a converter to COCO jsons (yolo.py,
+  voc.py) writes one dataset's; `key` names that dataset (its yaml path, its image sets)."""
+  digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+  return os.path.join(os.path.expanduser(out_dir), f"{kind}_{os.path.basename(root)}_{digest}")
+
+
 def write_instances_json(path: str, images, annotations, categories) -> str:
   """Writes a COCO instances json atomically (several processes may write the same one), and only when its
   content changes. Returns path."""

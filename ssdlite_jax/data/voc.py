@@ -12,7 +12,6 @@ intersection over the detection's area, where VOC's devkit uses IoU).
 Errors name the file: a missing or malformed xml, a missing tag, a box with xmax < xmin or ymax < ymin.
 """
 
-import hashlib
 import os
 import xml.etree.ElementTree as ET
 
@@ -87,8 +86,7 @@ def convert(root: str, train_set: str, val_set: str, out_dir: str):
   names = sorted({o[0] for _, parsed in sets.values() for a in parsed.values() for o in a["objects"]})
   categories = [{"id": k + 1, "name": n} for k, n in enumerate(names)]
   category = {n: k + 1 for k, n in enumerate(names)}
-  digest = hashlib.sha1(f"{root}|{train_set}|{val_set}".encode()).hexdigest()[:12]
-  out = os.path.join(os.path.expanduser(out_dir), f"voc_{os.path.basename(root)}_{digest}")
+  out = coco_folder.converted_dir(out_dir, "voc", root, f"{root}|{train_set}|{val_set}")
   jsons = {}
   for split, (image_set, parsed) in sets.items():
     images, annotations = [], []

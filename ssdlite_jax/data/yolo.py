@@ -18,7 +18,6 @@ malformed line, a label file without an image (folder splits), an image whose EX
 its boxes (YOLO labels refer to the upright image, the pipeline reads the stored pixels: as torchvision).
 """
 
-import hashlib
 import os
 
 import PIL.Image
@@ -171,8 +170,7 @@ def convert(yaml_path: str, out_dir: str):
   spec = read_yaml(yaml_path)
   root, names = spec["root"], spec["names"]
   categories = [{"id": k + 1, "name": n} for k, n in enumerate(names)]
-  digest = hashlib.sha1(os.path.abspath(yaml_path).encode()).hexdigest()[:12]
-  out = os.path.join(os.path.expanduser(out_dir), f"yolo_{os.path.basename(root)}_{digest}")
+  out = coco_folder.converted_dir(out_dir, "yolo", root, os.path.abspath(yaml_path))
   jsons = {}
   for split, tfds_split in (("train", "train"), ("val", "validation")):
     if split not in spec:
