@@ -25,6 +25,10 @@ def detect(variables, images, orig_sizes, *, detector: Detector):
                                  orig_sizes, detector.image_size, **postprocess_kwargs(detector))
 
 
+_jit_detect = jax.jit(detect, static_argnames="detector")
+
+
 def make_detect_fn(detector: Detector) -> Callable:
-  """jax.jit of `detect` for this detector: fn(variables, images, orig_sizes) -> padded detections."""
-  return jax.jit(functools.partial(detect, detector=detector))
+  """`detect` jitted for this detector: fn(variables, images, orig_sizes) -> padded detections. Equal detectors
+  share the compiled programs (one jit keyed on the detector's value)."""
+  return functools.partial(_jit_detect, detector=detector)

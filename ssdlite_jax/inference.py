@@ -41,14 +41,14 @@ def _round_up(x: int, multiple: int) -> int:
 
 class Predictor:
   """Batched, jit-compiled inference. Images are padded to a canvas whose sides are multiples of
-  `canvas_multiple`, so each distinct canvas size compiles once."""
+  `canvas_multiple`, so each distinct canvas size compiles once (once per process for equal detectors)."""
 
   def __init__(self, detector: Detector, variables, batch_size: int = 8, canvas_multiple: int = 128):
     self.detector = detector
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
     self.canvas_multiple = canvas_multiple
-    self._detect = jax.jit(functools.partial(_detect, detector=detector))
+    self._detect = functools.partial(_jit_detect, detector=detector)
 
   @classmethod
   def from_torch(cls, path: str, model_config=None, **kwargs) -> "Predictor":
@@ -91,6 +91,8 @@ class Predictor:
     return results
 
 
-def _detect(variables, canvas, taps_y, taps_x, orig_sizes, *, detector):
-  """uint8 canvas [B, Hc, Wc, 3] -> padded detections (see detect.detect)."""
+@functools.partial(jax.jit, static_argnames="detector")
+def _jit_detect(variables, canvas, taps_y, taps_x, orig_sizes, *, detector):
+  """uint8 canvas [B, Hc, Wc, 3] -> padded detections (see detect.detect); one jit keyed on the detector's
+  value, so Predictors of equal detectors share the compiled programs."""
   return detect.detect(variables, preprocess.resize_batch(canvas, taps_y, taps_x), orig_sizes, detector=detector)

@@ -4,6 +4,7 @@ A new SSD variant registers its backbone (a module returning NHWC feature maps a
 `torchvision_modules()` porting map) and, if needed, a head; anchors come from the config.
 """
 
+import copy
 import dataclasses
 import functools
 from typing import Any, Dict, Optional, Tuple
@@ -114,20 +115,43 @@ def variant_name(config: ml_collections.ConfigDict) -> Optional[str]:
   return next((name for name, make in TORCHVISION_VARIANTS.items() if arch(make()) == arch(config)), None)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Detector:
-  """A built model: the Flax module, its anchors [A, 4] xyxy px (numpy float32; float64 for a float64 model),
-  its config, the kernels it runs ('cpu' | 'xla' | 'per_platform': config.kernels resolved) and the BN axis
-  name (sync BN)."""
+  """A built model: the Flax module, its config, the kernels it runs ('cpu' | 'xla' | 'per_platform':
+  config.kernels resolved) and the BN axis name (sync BN).
+
+  Detectors hash and compare by value (the config as built, kernels, axis name), so the jitted functions keyed
+  on one (`init`, detect.make_detect_fn, the Predictor) compile once for all equal detectors in a process."""
   module: SSD
-  anchors: np.ndarray
   config: ml_collections.ConfigDict
   kernels: str
   bn_axis_name: Optional[str] = None
 
+  def __post_init__(self):  # a copy: the config as built, whatever later happens to the caller's
+    object.__setattr__(self, "config", copy.deepcopy(self.config))
+    object.__setattr__(self, "_key", (self.config.to_json(sort_keys=True), self.kernels, self.bn_axis_name))
+
+  def __eq__(self, other):
+    return isinstance(other, Detector) and self._key == other._key
+
+  def __hash__(self):
+    return hash(self._key)
+
   @property
   def image_size(self):
     return (self.config.image_size, self.config.image_size)
+
+  @functools.cached_property
+  def anchors(self) -> np.ndarray:
+    """[A, 4] xyxy px of the model input (float32; float64 for a float64 model), on the backbone's feature-map
+    sizes (traced once, on first use)."""
+    shapes = jax.eval_shape(lambda: self.module.backbone.init_with_output(
+        jax.random.key(0), jnp.zeros((1,) + self.image_size + (3,)), train=False))[0]
+    a = self.config.anchors
+    return anchors_lib.default_boxes(
+        [tuple(s.shape[1:3]) for s in shapes], self.image_size, a.aspect_ratios, a.min_ratio, a.max_ratio,
+        scales=a.scales or None, steps=a.steps or None, clip=a.clip,
+        dtype=np.dtype(wide_dtype(DTYPES[self.config.dtype])))
 
   @property
   def class_names(self) -> Tuple[str, ...]:
@@ -141,12 +165,7 @@ class Detector:
   def init(self, rng) -> Dict[str, Any]:
     """Fresh variables {"params", "batch_stats"} with torchvision's from-scratch initialisation (batch_stats
     {} for a model without BatchNorm)."""
-    return with_batch_stats(self._jit_init(rng))
-
-  @functools.cached_property
-  def _jit_init(self):
-    x = np.zeros((1,) + self.image_size + (3,), np.float32)  # numpy: this may first run under a trace
-    return jax.jit(lambda rng: self.module.init(rng, x, train=False))
+    return with_batch_stats(_init(self, rng))
 
   def torchvision_modules(self) -> Dict[tuple, tuple]:
     """{flax module path: (torchvision state_dict prefix, kind)} for weight porting."""
@@ -156,6 +175,12 @@ class Detector:
       head = HEADS[self.config.head](self.module.num_anchors, 1)
       out.update({(name,) + k: (p, kind) for k, (p, kind) in head.torchvision_modules(f"head.{name}").items()})
     return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(detector: Detector, rng):
+  x = np.zeros((1,) + detector.image_size + (3,), np.float32)  # numpy: this may first run under a trace
+  return detector.module.init(rng, x, train=False)
 
 
 def with_batch_stats(variables) -> Dict[str, Any]:
@@ -186,16 +211,8 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] =
   factories = layers.layer_factories(kernels, dtype, bn_axis_name)._asdict()
   backbone_cls, head_cls = BACKBONES[config.backbone], HEADS[config.head]
   backbone = backbone_cls(**config.backbone_kwargs.to_dict(), **_bound(backbone_cls, factories))
-  a = config.anchors
-  num_anchors = anchors_lib.num_anchors_per_location(a.aspect_ratios)
-  size = (config.image_size, config.image_size)
-  shapes = jax.eval_shape(lambda: backbone.init_with_output(
-      jax.random.key(0), jnp.zeros((1,) + size + (3,)), train=False))[0]
-  feature_sizes = [tuple(s.shape[1:3]) for s in shapes]
-  anchors = anchors_lib.default_boxes(
-      feature_sizes, size, a.aspect_ratios, a.min_ratio, a.max_ratio,
-      scales=a.scales or None, steps=a.steps or None, clip=a.clip, dtype=np.dtype(wide_dtype(dtype)))
+  num_anchors = anchors_lib.num_anchors_per_location(config.anchors.aspect_ratios)
   module = SSD(backbone=backbone, head=head_cls, num_classes=config.num_classes,
                num_anchors=num_anchors, image_mean=tuple(config.image_mean),
                image_std=tuple(config.image_std), head_kwargs=_bound(head_cls, factories))
-  return Detector(module=module, anchors=anchors, config=config, kernels=kernels, bn_axis_name=bn_axis_name)
+  return Detector(module=module, config=config, kernels=kernels, bn_axis_name=bn_axis_name)
