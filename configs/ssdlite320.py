@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3       # the last K, plus the best by mAP
   config.eval_every_epochs = 10     # 0 = only at the end
   config.plot_score_thresh = 0.25   # detections counted in plots/confusion_matrix and drawn in val_batch_pred
+  config.plots = True               # WORKDIR/plots/*; False: the numbers only (results.csv, eval/step_N/*.json)
+  config.count_flops = True         # the start-up line's GFLOP per image (XLA's count: one more forward lowering)
 
   config.model = default_model_config()
   config.data = default_data_config()

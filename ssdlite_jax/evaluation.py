@@ -167,24 +167,24 @@ def _broadcast(metrics: Optional[Dict[str, float]]) -> Dict[str, float]:
 
 @dataclasses.dataclass
 class EvalPlots:
-  """What `evaluate` draws into `dir`: pr_curve.png and confusion_matrix.png (detections scoring >=
-  score_threshold); with examples (pipeline.eval_examples: image, boxes, labels, image_id), the mosaics
-  val_batch_labels.jpg (ground truth) and val_batch_pred.jpg (detections scoring >= score_threshold)."""
+  """What `evaluate` draws into `dir`: pr_curve.png and confusion_matrix.png; with examples
+  (pipeline.eval_examples: image, boxes, labels, image_id), the mosaics val_batch_labels.jpg (ground truth) and
+  val_batch_pred.jpg (detections scoring >= evaluate's score_threshold)."""
   dir: str
   class_names: Sequence[str]
-  score_threshold: float = 0.25
   examples: Sequence[Dict] = ()
 
 
 def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: str,
-             out_dir: Optional[str] = None, plots: Optional[EvalPlots] = None) -> Dict[str, float]:
+             out_dir: Optional[str] = None, plots: Optional[EvalPlots] = None,
+             score_threshold: float = 0.25) -> Dict[str, float]:
   """The 12 COCO bbox metrics (METRIC_NAMES) of the detector over eval_batches (this process's shard, as
   pipeline.create_eval_dataset makes them: image, orig_size, image_id, valid), against gt_json.
 
   Every process must call it (collective gather); process 0 runs COCOeval, prints its summary and the per-class
   AP/AP50 table and, with out_dir, writes out_dir/detections.json (COCO results format), metrics.json,
   per_class.json and confusion_matrix.json (see ssdlite_jax.confusion; IoU >= 0.5, detections scoring >=
-  plots.score_threshold, else 0.25); with plots, the pictures of EvalPlots. All processes return the same
+  score_threshold); with plots, the pictures of EvalPlots. All processes return the same
   metrics. Images of gt_json that were not evaluated are logged and left out of the metrics.
   """
   local = _collect(detect_fn, variables, eval_batches)
@@ -212,7 +212,6 @@ def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: 
     if result.per_class:
       print(format_per_class(result.per_class, metrics))
     names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
-    score_threshold = plots.score_threshold if plots else 0.25
     matrix = confusion.confusion_matrix(results, gt, score_threshold=score_threshold, image_ids=image_ids)
     if out_dir:
       for name, value in (("metrics", metrics), ("per_class", result.per_class),
@@ -221,11 +220,11 @@ def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: 
                                                 "classes": names + ["background"], "counts": matrix.tolist()})):
         files.write_text_atomically(os.path.join(out_dir, f"{name}.json"), json.dumps(value, indent=2))
     if plots:
-      _draw(plots, result, matrix, names, dets)
+      _draw(plots, result, matrix, names, dets, score_threshold)
   return _broadcast(metrics)
 
 
-def _draw(plots: EvalPlots, result: CocoEvaluation, matrix, names, dets):
+def _draw(plots: EvalPlots, result: CocoEvaluation, matrix, names, dets, score_threshold):
   from ssdlite_jax import plots as figures, visualize
   figures.plot_confusion_matrix(matrix, names, os.path.join(plots.dir, "confusion_matrix.png"))
   pr_curve = os.path.join(plots.dir, "pr_curve.png")
@@ -242,7 +241,7 @@ def _draw(plots: EvalPlots, result: CocoEvaluation, matrix, names, dets):
       k = row[int(ex["image_id"])]
       valid = dets["valid"][k]
       pred.append(visualize.draw_boxes(ex["image"], dets["boxes"][k][valid], dets["labels"][k][valid],
-                                       plots.class_names, dets["scores"][k][valid], plots.score_threshold))
+                                       plots.class_names, dets["scores"][k][valid], score_threshold))
     for name, images in (("val_batch_labels.jpg", truth), ("val_batch_pred.jpg", pred)):
       mosaic = visualize.mosaic(images)
       files.write_atomically(os.path.join(plots.dir, name), lambda tmp: mosaic.save(tmp, format="JPEG", quality=90))

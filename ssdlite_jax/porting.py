@@ -139,6 +139,12 @@ def flax_to_torch(variables, detector: Detector) -> StateDict:
   return out
 
 
+def reads_torch(source: str) -> bool:
+  """Whether loading weights from `source` (a config's init_from / init_backbone_from: '', a checkpoint directory,
+  a .safetensors or a .pth file) needs torch: a file that is not .safetensors."""
+  return bool(source) and not os.path.isdir(source) and not source.endswith(".safetensors")
+
+
 def load_state_dict(path: str) -> StateDict:
   """Reads a .pth (torch.load with weights_only=True) or .safetensors file into numpy arrays.
 

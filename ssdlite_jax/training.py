@@ -1,12 +1,14 @@
-"""Train an SSD detector.
+"""The training loop behind train.py (ssdlite_jax/cli/train.py): data, model, optimizer and checkpoints from a
+config; steps, logging, evaluation, plots and checkpoints in a work directory.
 
-  python train.py --config configs/synthetic.py --workdir runs/synthetic
-  python train.py --config configs/ssdlite320.py --workdir runs/coco --config.batch_size=48
+    from ssdlite_jax import training
+    training.train(config, "runs/synthetic")   # config: configs/*.py's get_config()
 
-Rerunning the same command resumes from the last checkpoint in WORKDIR/checkpoints (same step, optimizer
-state, RNG and data position). SIGTERM saves a checkpoint and exits cleanly; a non-finite loss stops
-with an error naming the step and keeps the last good checkpoint. Multi-host: launch one process per
-host (jax.distributed is initialised from JAX_COORDINATOR_ADDRESS / SLURM / TPU environments).
+Rerunning with the same workdir resumes from its last checkpoint (same step, optimizer state, RNG and data
+position). SIGTERM saves a checkpoint and returns; a non-finite loss raises NonFiniteLoss naming the step and
+keeps the last good checkpoint. Multi-host: one process per host (jax.distributed is initialised from
+JAX_COORDINATOR_ADDRESS / SLURM / TPU environments). Imports TensorFlow (input pipelines, TensorBoard): a caller
+that reads .pth weights imports torch first (the reverse order segfaults).
 """
 
 import dataclasses
@@ -14,19 +16,10 @@ import itertools
 import json
 import os
 import signal
-import sys
 import time
 from typing import Callable, Dict, Iterable, Iterator, Optional
 
-from absl import flags, logging
-from ml_collections import config_flags
-
-# torch (used only to read .pth init weights) must be imported before TensorFlow.
-try:
-  import torch  # noqa: F401
-except ImportError:
-  pass
-
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,7 +27,6 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from ssdlite_jax import checkpoint, distributed, evaluation, plots, porting, results, train_step as ts
-from ssdlite_jax.cli import run_absl_program
 # before tensorflow: the data package says where TF comes from when it is missing
 from ssdlite_jax.data import coco_folder, pipeline, sources
 from ssdlite_jax.detect import make_detect_fn
@@ -43,15 +35,6 @@ from ssdlite_jax.models import Detector, build_model
 from ssdlite_jax.optim import base_learning_rate, make_optimizer, warmup_steps
 
 import tensorflow as tf  # TensorBoard writers (after pipeline: see above)
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-flags.mark_flags_as_required(["config", "workdir"])
-# orbax's checkpoint barriers through the jax.distributed coordination service, with its long timeouts, instead
-# of device collectives: between CPU processes (gloo) those fail when a peer arrives more than 30 s late.
-if "experimental_orbax_use_distributed_barrier" in FLAGS:
-  FLAGS.set_default("experimental_orbax_use_distributed_barrier", True)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -82,10 +65,11 @@ def initial_variables(config, detector, rng):
 
 
 class Logger:
-  """metrics.jsonl, results.csv and TensorBoard event files in the workdir (process 0 only)."""
+  """metrics.jsonl, results.csv, TensorBoard event files and, with `plots`, plots/results.png in the workdir
+  (process 0 only)."""
 
-  def __init__(self, workdir):
-    self.enabled, self.workdir = jax.process_index() == 0, workdir
+  def __init__(self, workdir, plots=True):
+    self.enabled, self.workdir, self.plots = jax.process_index() == 0, workdir, plots
     if self.enabled:
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
@@ -107,6 +91,8 @@ class Logger:
     self.jsonl.flush()
     columns, rows = results.read_metrics_jsonl(self.jsonl.name)
     results.write_csv(columns, rows, os.path.join(self.workdir, "results.csv"))
+    if not self.plots:
+      return
     shown = [c for c in columns if c.startswith("train/") or c in ("eval/AP", "eval/AP50")]
     plots.plot_results([{"step": r["step"], **{c: r[c] for c in shown}} for r in rows],
                        os.path.join(self.workdir, "plots", "results.png"))
@@ -119,12 +105,12 @@ class Logger:
 
 def run_eval(run, variables, step):
   """COCO evaluation of `variables` on the val split: detections and metrics under WORKDIR/eval/step_N, the
-  pictures under WORKDIR/plots (results.csv and plots/results.png brought up to date)."""
-  pictures = evaluation.EvalPlots(os.path.join(run.workdir, "plots"), run.source.info.class_names,
-                                  run.config.plot_score_thresh, run.val_examples)
+  pictures under WORKDIR/plots with config.plots (results.csv and plots/results.png brought up to date)."""
+  pictures = (evaluation.EvalPlots(os.path.join(run.workdir, "plots"), run.source.info.class_names,
+                                   run.val_examples) if run.config.plots else None)
   metrics = evaluation.evaluate(run.detect_fn, variables, run.eval_batches, run.source.info.label_to_category_id,
                                 run.source.info.gt_json, os.path.join(run.workdir, "eval", f"step_{step}"),
-                                pictures)
+                                pictures, run.config.plot_score_thresh)
   run.logger.write(step, metrics, "eval")
   run.logger.write_results()
   return metrics
@@ -169,6 +155,12 @@ class Run:
 
 
 def train(config, workdir):
+  """Trains (or resumes) `config` (configs/*.py's) in `workdir`; returns the final COCO metrics (None after a
+  SIGTERM, which saves and returns)."""
+  tf.config.set_visible_devices([], "GPU")   # TensorFlow only reads data: the accelerators are JAX's
+  # From the start: a SIGTERM during the set-up (data preparation, compiles) stops after the first step as well.
+  stop = {"signal": None}
+  signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   distributed.maybe_initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
   source = pipeline.open_source(config.data)
@@ -202,8 +194,6 @@ def train(config, workdir):
   data = pipeline.create_train_dataset(source, global_batch_size=config.batch_size,
                                        image_size=detector.image_size, seed=config.seed, start_step=start)
   data = distributed.prefetch_to_mesh(data, mesh)
-  stop = {"signal": None}
-  signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   if start < total_steps:
     # Compile before the first collective, then meet there together: a process that joins gloo's
     # rendezvous more than 30 s after another (still compiling) fails the whole run.
@@ -213,13 +203,14 @@ def train(config, workdir):
     distributed.wait_for_all_processes("train_step_compiled")
   eval_batches, _ = pipeline.create_eval_dataset(source, global_batch_size=config.eval_batch_size,
                                                  image_size=detector.image_size)
-  logger = Logger(workdir)
+  logger = Logger(workdir, config.plots)
   val_examples, ground_truth = [], {}
   if jax.process_index() == 0:
     val_examples = pipeline.eval_examples(source, 16)
     ground_truth = {split: read_json(path) for split, path in (("train", info.train_json), ("val", info.gt_json))
                     if path}
-    draw_labels(source, ground_truth.get("train"), os.path.join(workdir, "plots", "labels.png"))
+    if config.plots:
+      draw_labels(source, ground_truth.get("train"), os.path.join(workdir, "plots", "labels.png"))
   run = Run(config, workdir, detector, source, step_fn, data, make_detect_fn(detector), eval_batches,
             val_examples, mngr, logger, stop, steps_per_epoch, total_steps)
   for line in run_summary(config, workdir, source, ground_truth, detector, state, mesh, steps_per_epoch,
@@ -252,9 +243,6 @@ def run_summary(config, workdir, source, ground_truth, detector, state, mesh, st
   """The start-up lines: where it runs, on what data (with ground_truth {split: COCO dict}: images, background
   images and boxes per class), which model, how long, from where."""
   variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.variables)
-  image = jax.ShapeDtypeStruct((1,) + detector.image_size + (3,), jnp.float32)
-  cost = jax.jit(lambda v, x: detector.module.apply(v, x)).lower(variables, image).cost_analysis()
-  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   splits = source.builder.info.splits
   optim = config.optim
   lines = [
@@ -267,8 +255,9 @@ def run_summary(config, workdir, source, ground_truth, detector, state, mesh, st
         for split, gt in ground_truth.items()),
       f"model: {config.model.backbone} + {config.model.head} head, {config.model.image_size} px, "
       f"{sum(x.size for x in jax.tree.leaves(variables['params'])):,} parameters, "
-      f"{cost.get('flops', float('nan')) / 1e9:.2f} GFLOP per image (forward, XLA's count), "
-      f"{len(detector.anchors):,} anchors, dtype {config.model.dtype}",
+      + (f"{forward_gflops(detector, variables):.2f} GFLOP per image (forward, XLA's count), "
+         if config.count_flops else "")
+      + f"{len(detector.anchors):,} anchors, dtype {config.model.dtype}",
       f"schedule: global batch {config.batch_size}, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"{optim.optimizer} lr {base_learning_rate(optim):g} "
       f"({optim.learning_rate:g} x {optim.batch_size}/{optim.base_batch_size}), weight decay "
@@ -279,6 +268,14 @@ def run_summary(config, workdir, source, ground_truth, detector, state, mesh, st
       f"workdir: {workdir}" + (f"; resumed from its checkpoint of step {start}" if start else ""),
   ]
   return lines
+
+
+def forward_gflops(detector, variables) -> float:
+  """XLA's FLOP count of one image's forward pass, in GFLOP (nan where the backend gives none)."""
+  image = jax.ShapeDtypeStruct((1,) + detector.image_size + (3,), jnp.float32)
+  cost = jax.jit(lambda v, x: detector.module.apply(v, x)).lower(variables, image).cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return cost.get("flops", float("nan")) / 1e9
 
 
 def epoch_bar(run, step, postfix):
@@ -350,23 +347,3 @@ def check_finite(step, metrics):
   if not bool(metrics["finite"]):
     raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); "
                         f"the update was skipped and the last good checkpoint is kept")
-
-
-def main(argv):
-  del argv
-  tf.config.set_visible_devices([], "GPU")
-  if not jax.config.jax_compilation_cache_dir:  # restarts and resumes skip the compiles
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/ssdlite_jax/xla"))
-  try:
-    train(FLAGS.config, FLAGS.workdir)
-  except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
-
-
-def cli():
-  """The `ssdlite-train` program."""
-  run_absl_program(main, __name__)
-
-
-if __name__ == "__main__":
-  cli()

@@ -61,10 +61,11 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
   from ssdlite_jax.detect import make_detect_fn
   from ssdlite_jax.data import pipeline
 
-  source = pipeline.open_source(config.data)
-  info = source.info
+  # The model first: a wrong path fails at once, before a dataset is prepared.
   detector, variables, step = load_model(config, workdir=workdir, checkpoint_dir=checkpoint_dir,
                                          torch_weights=torch_weights, step=step)
+  source = pipeline.open_source(config.data)
+  info = source.info
   if info.num_classes != detector.config.num_classes:
     raise ValueError(
         f"the dataset has num_classes={info.num_classes} (config.data: name={config.data.name!r}, "
@@ -77,10 +78,10 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
   weights = torch_weights or f"checkpoint step {step}"
   print(f"evaluating {weights} on {config.data.name} ({num_batches} batches of {config.eval_batch_size})",
         flush=True)
-  plots = evaluation.EvalPlots(os.path.join(out_dir, "plots"), info.class_names, config.plot_score_thresh,
+  plots = evaluation.EvalPlots(os.path.join(out_dir, "plots"), info.class_names,
                                pipeline.eval_examples(source, 16) if jax.process_index() == 0 else ())
-  metrics = evaluation.evaluate(make_detect_fn(detector), variables, batches,
-                                info.label_to_category_id, info.gt_json, out_dir, plots)
+  metrics = evaluation.evaluate(make_detect_fn(detector), variables, batches, info.label_to_category_id,
+                                info.gt_json, out_dir, plots, config.plot_score_thresh)
   if jax.process_index() == 0:
     print(f"wrote {out_dir}/{{detections,metrics,per_class,confusion_matrix}}.json and {out_dir}/plots/",
           flush=True)
