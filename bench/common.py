@@ -90,6 +90,15 @@ def our_model_config(name: str, num_classes: int):
   return cfg
 
 
+def recipe_optimizer(batch: int):
+  """(tx, schedule) of the timed steps and the loss curves alike (one train-step program for both): the recipe's
+  SGD at its LR for global batch `batch`, no warmup, 1000 steps per epoch (a constant LR for 1000 steps)."""
+  from ssdlite_jax import optim
+  config = optim.default_optim_config()
+  config.update(batch_size=batch, warmup_iters=0)
+  return optim.make_optimizer(config, steps_per_epoch=1000)
+
+
 def synthetic_train_batch(batch: int, size: int = 320, num_classes: int = 91, max_boxes: int = 4, seed: int = 0):
   """Smooth random images [B, size, size, 3] float32 in [0, 1] and 1..max_boxes boxes per image.
 

@@ -43,10 +43,10 @@ def _inference_args(sizes):
 
 
 def loss_curves(num_steps: int, batch: int, num_batches: int = 4):
-  """{dtype: [loss per step]}: `num_steps` SGD steps (the recipe's optimizer at its LR for `batch`, no warmup)
-  cycling over `num_batches` fixed synthetic batches, from the same float32 initial weights in each dtype."""
+  """{dtype: [loss per step]}: `num_steps` SGD steps (common.recipe_optimizer, as the timed steps: at batch
+  sizes["batches"][0] the same program) cycling over `num_batches` fixed synthetic batches, from the same float32
+  initial weights in each dtype."""
   import jax
-  from ssdlite_jax import optim
   from ssdlite_jax.distributed import make_mesh, shard_batch
   from ssdlite_jax.models import build_model, default_model_config
   from ssdlite_jax.train_step import create_train_state, make_train_step
@@ -57,13 +57,11 @@ def loss_curves(num_steps: int, batch: int, num_batches: int = 4):
   for seed in range(num_batches):
     images, boxes, labels, mask = common.synthetic_train_batch(batch, 320, seed=100 + seed)
     data.append(shard_batch(dict(image=images, boxes=boxes, labels=labels, mask=mask), mesh))
-  optim_config = optim.default_optim_config()
-  optim_config.update(batch_size=batch, warmup_iters=0)
+  tx, schedule = common.recipe_optimizer(batch)
   curves = {}
   for dtype in ("float32", "bfloat16"):
     config.dtype = dtype
     det = build_model(config)
-    tx, schedule = optim.make_optimizer(optim_config, steps_per_epoch=num_steps)
     state = create_train_state(det, tx, jax.random.key(0), mesh, variables)
     step = make_train_step(det, tx, schedule, mesh)
     losses = []

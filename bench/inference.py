@@ -54,7 +54,7 @@ def worker_jax(args):
   from ssdlite_jax.inference import Predictor
   from ssdlite_jax.models import build_model
   detector = build_model(common.our_model_config(args.model, args.num_classes))
-  variables = detector.init(jax.random.PRNGKey(0))
+  variables = detector.init(jax.random.key(0))
   images = common.synthetic_uint8_images(max(args.throughput_batch, 1), 480, 640, seed=args.seed)
   pred1 = Predictor(detector, variables, batch_size=1)
   predn = Predictor(detector, variables, batch_size=args.throughput_batch)

@@ -55,7 +55,6 @@ def worker_torch(args):
 
 def worker_jax(args):
   import jax
-  from ssdlite_jax import optim
   from ssdlite_jax.models import build_model
   from ssdlite_jax.distributed import make_mesh, shard_batch
   from ssdlite_jax.train_step import create_train_state, make_train_step
@@ -63,11 +62,9 @@ def worker_jax(args):
   cfg.kernels = args.kernels
   cfg.dtype = args.dtype
   detector = build_model(cfg)
-  ocfg = optim.default_optim_config()
-  ocfg.batch_size = args.batch
-  tx, schedule = optim.make_optimizer(ocfg, steps_per_epoch=1000)
+  tx, schedule = common.recipe_optimizer(args.batch)
   mesh = make_mesh(jax.devices()[:1])
-  state = create_train_state(detector, tx, jax.random.PRNGKey(0), mesh)
+  state = create_train_state(detector, tx, jax.random.key(0), mesh)
   images, boxes, labels, mask = common.synthetic_train_batch(args.batch, cfg.image_size, args.num_classes,
                                                              seed=args.seed)
   batch = shard_batch(dict(image=images, boxes=boxes, labels=labels, mask=mask), mesh)
