@@ -1,7 +1,9 @@
-"""Shared test setup: torch before TensorFlow, float32 at full precision, the modules left out under
--m "not tf" and without -m onnx, the train.py environment fixture. Helpers live in tests/helpers.py."""
+"""Shared test setup: one compilation cache for the run, torch before TensorFlow, float32 at full precision, the
+modules left out under -m "not tf" and without -m onnx, the train.py fixture. Helpers live in tests/helpers.py."""
 
 import os
+import shutil
+import tempfile
 
 try:  # torch/torchvision must be loaded before TensorFlow: the reverse order segfaults (torch 2.14 + TF 2.21)
   import torch  # noqa: F401
@@ -13,6 +15,21 @@ import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One persistent compilation cache for the whole test run: this process's and every subprocess's (they get it
+# through helpers.subprocess_env), so a program that several tests or processes build compiles once. A given
+# JAX_COMPILATION_CACHE_DIR is used as it is (.ci/run shares one between its lines; a developer's kept one makes
+# reruns fast); otherwise a fresh directory per run, removed at its end.
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ssdlite_jax_xla_cache_")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
 
 # Modules marked tf as a whole that import TensorFlow at the top: a run that deselects tf tests (the current-JAX
 # CI line, which has no TensorFlow) does not import them either.
@@ -36,19 +53,15 @@ def pytest_ignore_collect(collection_path, config):
 
 @pytest.fixture(scope="session")
 def train_cli(tmp_path_factory):
-  """What train.py subprocesses share (test_train.py, test_multihost.py): the environment (a persistent
-  compilation cache, this process's XLA flags, no inherited multi-process settings), the tiny synthetic dataset
-  (generated here once: concurrent processes would race to write it) and a scratch directory."""
+  """What train.py subprocesses share (test_train.py, test_multihost.py, test_export.py's calibration): the
+  environment (helpers.subprocess_env), the tiny synthetic dataset (generated here once: concurrent processes
+  would race to write it) and a scratch directory."""
   from ssdlite_jax.data import config as data_config, pipeline
-  from tests.helpers import xla_flags
+  from tests.helpers import subprocess_env
 
   tmp = tmp_path_factory.mktemp("train_cli")
   data_dir = str(tmp / "tfds")
   cfg = data_config.default_data_config()
   cfg.update(data_dir=data_dir, synthetic_num_train=24, synthetic_num_val=6)
   pipeline.open_source(cfg)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"),
-             XLA_FLAGS=xla_flags())
-  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    env.pop(key, None)
-  return {"env": env, "data_dir": data_dir, "tmp": tmp}
+  return {"env": subprocess_env(), "data_dir": data_dir, "tmp": tmp}

@@ -1,4 +1,4 @@
-"""Test helpers: optional imports that may skip only outside CI, XLA flags and the train.py command for
+"""Test helpers: optional imports that may skip only outside CI, the environment and the train.py command for
 subprocesses."""
 
 import importlib
@@ -30,13 +30,44 @@ def xla_flags(device_count=None):
   return " ".join(flags)
 
 
-def train_command(train_cli, workdir, *, batch, steps, lr, overrides=()):
-  """train.py on the tiny synthetic dataset of the `train_cli` fixture (24 train / 6 val images at 160 px), SGD
-  at `lr` for global batch `batch`, `steps` steps, train metrics logged every step, evaluation only at the end."""
+def subprocess_env(device_count=None, **extra):
+  """The environment of a Python subprocess: this one's, with the run's one compilation cache (conftest.py; the
+  programs the subprocess shares with others compile once per test run), this process's XLA flags with
+  `device_count` simulated CPU devices (none by default), no inherited multi-process settings, TF's C++ INFO
+  lines off, then `extra`."""
+  import jax
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             XLA_FLAGS=xla_flags(device_count), TF_CPP_MIN_LOG_LEVEL="2")
+  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(key, None)
+  env.update(extra)
+  return env
+
+
+def tiny_model_config(**overrides):
+  """The tests' small model for mechanics (checkpoints, multi-device steps, train.py runs, export plumbing):
+  SSDlite320's code paths at a quarter of the width on 128 px inputs, 4 classes (the synthetic dataset's 3 and
+  background). Parity tests use the full-size models instead."""
+  from ssdlite_jax.models import default_model_config
+  config = default_model_config()
+  config.update(dict(dict(image_size=TINY["image_size"], num_classes=4), **overrides))
+  config.backbone_kwargs.width_mult = TINY["width_mult"]
+  return config
+
+
+TINY = {"image_size": 128, "width_mult": 0.25}
+
+
+def train_command(train_cli, workdir, *, batch, steps, lr, extras=False, overrides=()):
+  """train.py on the tiny synthetic dataset of the `train_cli` fixture (24 train / 6 val images) with the tiny
+  model (tiny_model_config), SGD at `lr` for global batch `batch`, `steps` steps, train metrics logged every step,
+  evaluation only at the end; the plots and the GFLOP count only with `extras`."""
   return [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs/synthetic.py"),
           "--workdir", str(workdir), f"--config.data.data_dir={train_cli['data_dir']}",
           "--config.data.synthetic_num_train=24", "--config.data.synthetic_num_val=6",
-          f"--config.batch_size={batch}", "--config.model.image_size=160",
+          f"--config.batch_size={batch}", f"--config.model.image_size={TINY['image_size']}",
+          f"--config.model.backbone_kwargs.width_mult={TINY['width_mult']}",
+          f"--config.plots={extras}", f"--config.count_flops={extras}",
           f"--config.max_steps={steps}", "--config.eval_every_epochs=0", "--config.log_every_steps=1",
           "--config.optim.warmup_iters=0", "--config.optim.optimizer=sgd",
           f"--config.optim.learning_rate={lr}", f"--config.optim.base_batch_size={batch}", *overrides]

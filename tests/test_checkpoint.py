@@ -13,8 +13,9 @@ import pytest
 
 from ssdlite_jax import checkpoint, optim
 from ssdlite_jax.distributed import make_mesh, shard_batch
-from ssdlite_jax.models import build_model, default_model_config, ssd300_vgg16_config
+from ssdlite_jax.models import build_model, ssd300_vgg16_config
 from ssdlite_jax.train_step import TrainState, create_train_state, make_train_step
+from tests.helpers import subprocess_env, tiny_model_config
 from tests.torch_reference import smooth_images
 
 
@@ -22,16 +23,14 @@ def test_train_state_round_trip_is_exact(tmp_path):
   """After one SGD step (momentum buffers, BN running statistics and counters, the step and the rng all moved
   from their initial values), train.py's save and restore give back every leaf bit for bit, and the variables
   and model config read back through load_variables as eval.py and predict.py read them."""
-  config = default_model_config()
-  config.update(image_size=64, num_classes=3)
-  config.backbone_kwargs.width_mult = 0.25
+  config = tiny_model_config()
   det = build_model(config)
   tx, schedule = optim.make_optimizer(optim.default_optim_config(), steps_per_epoch=10)
   mesh = make_mesh(jax.devices()[:1])
   start = create_train_state(det, tx, jax.random.key(0), mesh)
-  batch = dict(image=smooth_images(2, 64, 64, seed=0), boxes=np.array([[[4, 6, 40, 50]]] * 2, np.float32),
+  batch = dict(image=smooth_images(2, 128, 128, seed=0), boxes=np.array([[[4, 6, 40, 50]]] * 2, np.float32),
                labels=np.array([[2], [1]], np.int32), mask=np.ones((2, 1), bool),
-               image_id=np.arange(2, dtype=np.int32), orig_size=np.full((2, 2), 64, np.int32))
+               image_id=np.arange(2, dtype=np.int32), orig_size=np.full((2, 2), 128, np.int32))
   state, _ = make_train_step(det, tx, schedule, mesh)(start, shard_batch(batch, mesh))
   state = jax.device_get(state)
   with checkpoint.train_manager(str(tmp_path / "ckpt"), keep=2) as mngr:
@@ -66,7 +65,8 @@ def test_checkpoint_from_more_devices_loads_on_one(tmp_path):
       "v = {'params': {'a': np.arange(6, dtype=np.float32)}, 'batch_stats': {'n': np.int32(3)}}\n"
       "v = jax.device_put(v, NamedSharding(mesh, P()))\n"
       "checkpoint.save_variables(sys.argv[1], 5, v, default_model_config())\n")
-  subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], check=True, capture_output=True)
+  subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], check=True, capture_output=True,
+                 env=subprocess_env())
   variables, cfg, step = checkpoint.load_variables(str(tmp_path / "ckpt"))
   assert step == 5 and cfg.num_classes == 91
   np.testing.assert_array_equal(variables["params"]["a"], np.arange(6, dtype=np.float32))

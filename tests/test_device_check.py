@@ -12,7 +12,7 @@ import pytest
 from bench import common
 from ssdlite_jax import porting
 from ssdlite_jax.models import build_model, default_model_config
-from tests.helpers import REPO, import_or_skip, xla_flags
+from tests.helpers import REPO, import_or_skip, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
@@ -20,10 +20,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.torch]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
   out = tmp_path_factory.mktemp("device_check")
-  # A persistent compilation cache of its own: a program the JAX worker builds twice (the fresh init of the same
-  # float32 model, for the train figures and for inference) compiles once.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(), PYTHON=sys.executable,
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("device_check_jax_cache")))
+  # The run's compilation cache: programs the JAX worker builds twice (the fresh init of the same float32 model,
+  # for the train figures and for inference) or that other tests build compile once.
+  env = subprocess_env(JAX_PLATFORMS="cpu", PYTHON=sys.executable)
   proc = subprocess.run(["bash", os.path.join(REPO, "bench/device_check.sh"), "--smoke", str(out)], env=env,
                         capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

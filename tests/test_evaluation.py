@@ -14,7 +14,7 @@ import pytest
 from configs import synthetic as synthetic_config
 from ssdlite_jax import evaluation, porting
 from ssdlite_jax.loading import load_detector
-from tests.helpers import REPO, import_or_skip
+from tests.helpers import REPO, import_or_skip, subprocess_env
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
 NUM_CLASSES = 5                                                 # background + category ids 1..4
@@ -204,7 +204,7 @@ def test_eval_run_from_workdir_checkpoint(parity_setup, tmp_path):
 
 def _eval_cli(*args, cwd=REPO):
   return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], cwd=cwd, capture_output=True,
-                        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                        text=True, timeout=300, env=subprocess_env(JAX_PLATFORMS="cpu"))
 
 
 @pytest.mark.tf

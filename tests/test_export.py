@@ -18,8 +18,8 @@ import pytest
 from ssdlite_jax import checkpoint, detect, porting
 from ssdlite_jax.cli import export as export_cli
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import build_model, default_model_config
-from tests.helpers import import_or_skip
+from ssdlite_jax.models import build_model
+from tests.helpers import import_or_skip, tiny_model_config
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
 SIZES = np.array([[320, 320], [240, 300], [480, 640]], np.int32)   # (h, w) before the resize
@@ -78,25 +78,42 @@ def test_stablehlo_batch_of_one_and_no_detection_above_the_threshold(weights, tm
   assert json.load(open(out + ".json"))["postprocess"]["score_thresh"] == 0.9999
 
 
+def _jax_only_site(directory):
+  """A site directory holding only jax, jaxlib, flatbuffers and what they require, as links to this
+  interpreter's installed distributions (no network, no pip): what `pip install jax jaxlib flatbuffers` gives."""
+  import importlib.metadata as md
+  import re
+  names, todo = set(), ["jax", "jaxlib", "flatbuffers"]
+  while todo:
+    name = todo.pop()
+    if name.lower() in names:
+      continue
+    names.add(name.lower())
+    todo += [re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0] for r in md.requires(name) or [] if ";" not in r]
+  os.makedirs(directory)
+  for name in names:
+    dist = md.distribution(name)
+    for top in {f.parts[0] for f in dist.files if f.parts[0] != ".."}:
+      os.symlink(dist.locate_file(top), os.path.join(directory, top))
+  return sorted(names)
+
+
 @pytest.mark.torch
 @pytest.mark.slow
 def test_stablehlo_runs_bit_exact_with_only_jax_installed(stablehlo_file, tmp_path):
-  venv = tmp_path / "jax_only"
-  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-  python = str(venv / "bin" / "python")
-  import jaxlib
-  subprocess.run([python, "-m", "pip", "install", "-q", f"jax=={jax.__version__}", f"jaxlib=={jaxlib.__version__}",
-                  "flatbuffers"], check=True, capture_output=True)
+  site = str(tmp_path / "jax_only")
+  assert _jax_only_site(site) == ["flatbuffers", "jax", "jaxlib", "ml_dtypes", "numpy", "opt_einsum", "scipy"]
   np.savez(tmp_path / "inputs.npz", images=_images(2), sizes=SIZES[:2])
   script = (
-      "import importlib.util, sys, jax, numpy as np\n"
+      "import sys; sys.path.insert(0, sys.argv[4])\n"
+      "import importlib.util, jax, numpy as np\n"
       "assert all(importlib.util.find_spec(m) is None for m in ('ssdlite_jax', 'flax', 'torch', 'tensorflow'))\n"
       "exported = jax.export.deserialize(bytearray(open(sys.argv[1], 'rb').read()))\n"
       "x = np.load(sys.argv[2])\n"
       "np.savez(sys.argv[3], **jax.device_get(exported.call(x['images'], x['sizes'])))\n")
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-  subprocess.run([python, "-c", script, stablehlo_file, str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")],
-                 check=True, cwd=str(tmp_path), env=env)
+  # -I -S: no site-packages, user site, PYTHONPATH or working directory on the path; only the site above.
+  subprocess.run([sys.executable, "-I", "-S", "-c", script, stablehlo_file, str(tmp_path / "inputs.npz"),
+                  str(tmp_path / "out.npz"), site], check=True, cwd=str(tmp_path))
   there = np.load(tmp_path / "out.npz")
   here = jax.device_get(_deserialize(stablehlo_file).call(_images(2), SIZES[:2]))
   for k in ("boxes", "scores", "labels", "valid"):
@@ -245,9 +262,7 @@ def test_mediapipe_object_detector_runs_the_tflite_file(weights, tflite_file):
 def test_tflite_from_a_checkpoint_with_nothing_above_the_threshold(tmp_path):
   """A narrow 128 px model from an orbax checkpoint; at init every score is about 1/K, so a 0.5 threshold leaves
   no detection: num 0 and zeroed slots, not an error."""
-  config = default_model_config()
-  config.update(image_size=128, num_classes=4)
-  config.backbone_kwargs.width_mult = 0.25
+  config = tiny_model_config()
   detector = build_model(config)
   checkpoint.save_variables(str(tmp_path / "ckpt"), 3, detector.init(jax.random.key(0)), config)
   out = str(tmp_path / "narrow.tflite")
@@ -295,9 +310,7 @@ def test_tflite_int8_network_with_float_scores(train_cli, tmp_path, capsys):
   """tflite-int8 of a narrow model with realistic BN statistics and spread-out logits, calibrated on the
   synthetic train split: every convolution runs in int8, the scores, top-k and NMS stay float32 (scores not on
   an int8 grid), and the detections stay close to the float32 file's on the calibration images."""
-  config = default_model_config()
-  config.update(image_size=128, num_classes=4)
-  config.backbone_kwargs.width_mult = 0.25
+  config = tiny_model_config()
   detector = build_model(config)
   from ssdlite_jax.data import config as data_config_lib, pipeline
   cfg = data_config_lib.default_data_config()

@@ -22,7 +22,7 @@ from ssdlite_jax.export import onnx as onnx_export, with_overrides
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.models import build_model, default_model_config
 from ssdlite_jax.models.layers import BatchNorm
-from tests.helpers import import_or_skip
+from tests.helpers import import_or_skip, tiny_model_config
 from tests.torch_reference import smooth_images
 
 ort = import_or_skip("onnxruntime")   # under CI=true a missing package fails instead of skipping
@@ -31,13 +31,6 @@ onnx = import_or_skip("onnx")
 pytestmark = pytest.mark.onnx
 
 SIZES = np.array([[320, 320], [240, 300], [480, 640]], np.int32)   # (h, w) before the resize
-
-
-def _narrow_config():
-  config = default_model_config()
-  config.update(image_size=128, num_classes=4)
-  config.backbone_kwargs.width_mult = 0.25
-  return config
 
 
 def _non_trivial_variables(detector, images, seed=0):
@@ -89,7 +82,7 @@ def _assert_same_detections(got, reference, sizes):
 
 @pytest.fixture(scope="module")
 def narrow():
-  detector = with_overrides(build_model(_narrow_config()), onnx_export.KERNELS)
+  detector = with_overrides(build_model(tiny_model_config()), onnx_export.KERNELS)
   images = smooth_images(3, 128, 128, seed=11)
   variables = _non_trivial_variables(detector, images)
   data, extras = onnx_export.export(detector, variables)
@@ -149,7 +142,7 @@ def test_onnx_nms_keeps_a_box_at_exactly_the_threshold():
 @pytest.fixture(scope="module")
 def narrow_checkpoint(tmp_path_factory):
   """A narrow model at init, as an orbax checkpoint: every score is about 1 / K = 0.25."""
-  config = _narrow_config()
+  config = tiny_model_config()
   path = str(tmp_path_factory.mktemp("onnx_ckpt") / "ckpt")
   checkpoint.save_variables(path, 3, build_model(config).init(jax.random.key(0)), config)
   return path

@@ -10,6 +10,7 @@ import pytest
 from ssdlite_jax import postprocess
 from ssdlite_jax.models import (build_model, default_model_config, layers, ssd300_vgg16_config, ssd512_resnet50_config,
                                 ssd512_vgg16_config, vgg)
+from tests.helpers import tiny_model_config
 from tests.torch_reference import smooth_images
 
 
@@ -89,10 +90,7 @@ def test_cpu_kernels_equal_xla_convolutions():
   outputs, variables = {}, None
   images = smooth_images(2, 128, 128, seed=2)
   for kernels in ("xla", "cpu"):
-    config = default_model_config()
-    config.update(image_size=128, kernels=kernels)
-    config.backbone_kwargs.width_mult = 0.25
-    det = build_model(config)
+    det = build_model(tiny_model_config(kernels=kernels))
     if variables is None:   # one init (a compile of its own), the very same weights for both
       variables = det.init(jax.random.key(0))
     # One jitted program per kernels (run eagerly, the op-by-op dispatch of the shift-and-add depthwise took
@@ -147,3 +145,26 @@ def test_postprocess_nms_threshold_is_strict(nms_thresh, kept):
       score_thresh=0.01, nms_thresh=nms_thresh, topk_candidates=3, detections_per_img=3))
   assert int(out["valid"][0].sum()) == kept
   np.testing.assert_allclose(out["scores"][0][:kept], [0.9, 0.7] if kept == 2 else [0.9, 0.8, 0.7], rtol=1e-6)
+
+
+def test_equal_detectors_share_compiled_programs():
+  """Detectors compare and hash by value (the config as built, kernels, BN axis name): a second Predictor of the
+  same model reuses the first one's compiled program, and a later change to the caller's config object does not
+  change a built detector."""
+  from ssdlite_jax import inference
+  config = tiny_model_config()
+  first = build_model(config)
+  config.num_classes = 5   # after the build
+  second, other = build_model(tiny_model_config()), build_model(config)
+  assert first == second and hash(first) == hash(second) and first.config.num_classes == 4
+  assert first != other and first != build_model(tiny_model_config(kernels="xla"))
+  assert first != build_model(tiny_model_config(), bn_axis_name="data")
+  variables = first.init(jax.random.key(0))
+  image = (smooth_images(1, 100, 120, seed=0)[0] * 255).round().astype(np.uint8)
+  programs = inference._jit_detect._cache_size()
+  got = inference.Predictor(first, variables)([image])[0]
+  assert inference._jit_detect._cache_size() == programs + 1
+  again = inference.Predictor(second, variables)([image])[0]
+  assert inference._jit_detect._cache_size() == programs + 1   # no new program
+  for key in ("boxes", "scores", "labels"):
+    np.testing.assert_array_equal(again[key], got[key])

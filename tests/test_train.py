@@ -21,22 +21,22 @@ from ssdlite_jax import checkpoint
 from ssdlite_jax.models import build_model
 from tests.helpers import train_command
 
-STEPS = 6
+STEPS = 12   # two epochs of the 24 train images at batch 4
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.tf]
 
 
-def command(train_cli, workdir, *overrides):
+def command(train_cli, workdir, *overrides, extras=False):
   # SGD (the COCO recipe's): unlike Adam it does not amplify float noise in near-zero gradients, so a resumed
   # run's parameters can be compared to an uninterrupted run's at 1e-5.
-  return train_command(train_cli, workdir, batch=4, steps=STEPS, lr=0.01, overrides=(
+  return train_command(train_cli, workdir, batch=4, steps=STEPS, lr=0.03, extras=extras, overrides=(
       "--config.eval_batch_size=6", "--config.checkpoint_every_steps=2", *overrides))
 
 
-def run(train_cli, workdir, *overrides, check=True):
-  proc = subprocess.run(command(train_cli, workdir, *overrides), env=train_cli["env"], capture_output=True,
-                        text=True, timeout=900)
+def run(train_cli, workdir, *overrides, check=True, extras=False):
+  proc = subprocess.run(command(train_cli, workdir, *overrides, extras=extras), env=train_cli["env"],
+                        capture_output=True, text=True, timeout=900)
   if check and proc.returncode != 0:
     raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return proc
@@ -56,7 +56,7 @@ def final_params(workdir):
 @pytest.fixture(scope="module")
 def full_run(train_cli, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
-  proc = run(train_cli, workdir)
+  proc = run(train_cli, workdir, extras=True)   # the one run whose plots and GFLOP line are read
   return workdir, proc
 
 
@@ -64,20 +64,23 @@ def test_short_run_trains_evaluates_and_logs(full_run, train_cli):
   workdir, proc = full_run
   losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, STEPS + 1))
-  first, last = np.mean([losses[1], losses[2]]), np.mean([losses[s] for s in range(STEPS - 2, STEPS + 1)])
-  assert last < 0.95 * first, losses
+  # The same 24 images in each epoch (in another order): the second epoch's mean loss is clearly lower. Measured
+  # on the tiny model: 8.82 against 9.90.
+  first, second = (np.mean([losses[s] for s in range(1 + e * STEPS // 2, 1 + (e + 1) * STEPS // 2)]) for e in (0, 1))
+  assert second < 0.95 * first, losses
   assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in proc.stdout
   # absl's Python INFO lines ("I1201 19:14:35.31 1400 writer.py:444] ...") come from our files only (no
   # orbax/TFDS/jax). Not C++ ones: on AVX-512 CPUs TF 2.21 logs "I0000 ... port.cc:153] oneDNN custom operations
   # are on" at any TF_CPP_MIN_LOG_LEVEL (README, console).
   info_sources = set(re.findall(r"^I\d{4} [\d:.]+\s+\d+ ([\w.]+\.py):\d+\]", proc.stderr, re.M))
   ours = {name for _, _, files in os.walk(os.path.dirname(ssdlite_jax.__file__)) for name in files}
-  assert "train.py" in info_sources and info_sources <= ours, info_sources - ours
+  assert "training.py" in info_sources and info_sources <= ours, info_sources - ours
   # The start-up summary: 24 images / batch 4 = 6 steps per epoch; the 4-class model's parameter count.
   model = json.load(open(os.path.join(workdir, "config.json")))["model"]
   params = jax.eval_shape(build_model(ml_collections.ConfigDict(model)).init, jax.random.key(0))["params"]
-  assert f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters" in proc.stderr
-  assert "global batch 4, 6 steps per epoch, 6 steps; sgd lr 0.01" in proc.stderr
+  assert re.search(f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, " r"\d+\.\d\d GFLOP per image",
+                   proc.stderr)
+  assert "global batch 4, 6 steps per epoch, 12 steps; sgd lr 0.03" in proc.stderr
   with open(os.path.join(train_cli["data_dir"], next(d for d in os.listdir(train_cli["data_dir"])
                                                      if d.startswith("synthetic_shapes_")),
                          "annotations", "instances_val.json")) as f:
@@ -131,8 +134,8 @@ def test_rerun_resumes_where_it_stopped_and_logs_interval_means(train_cli, full_
   assert sorted(train_losses(tmp_path)) == [3]
   run(train_cli, tmp_path, "--config.log_every_steps=3")
   ref, logged = train_losses(full_run[0]), train_losses(tmp_path)
-  assert sorted(logged) == [3, 6]
-  for step in (3, 6):
+  assert sorted(logged) == list(range(3, STEPS + 1, 3))
+  for step in logged:
     np.testing.assert_allclose(logged[step], np.mean([ref[s] for s in range(step - 2, step + 1)]), rtol=1e-5)
   assert_same_params(tmp_path, full_run[0])
 
@@ -144,18 +147,20 @@ def _wait_for(predicate, proc, timeout=600):
       raise AssertionError(f"train.py ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
     if time.time() - start > timeout:
       raise AssertionError("timed out")
-    time.sleep(0.2)
+    time.sleep(0.05)
 
 
 def test_sigterm_saves_and_sigkill_resumes(train_cli, full_run, tmp_path):
+  """SIGTERM during the set-up (config.json is written after the handler is installed) stops after the first
+  step with its checkpoint; SIGKILL after a later checkpoint; the rerun then ends as an uninterrupted run."""
   ckpts = tmp_path / "checkpoints"
   proc = subprocess.Popen(command(train_cli, tmp_path), env=train_cli["env"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: os.path.exists(tmp_path / "metrics.jsonl") and train_losses(tmp_path), proc)
+  _wait_for(lambda: os.path.exists(tmp_path / "config.json"), proc)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=300) == 0
-  stopped_at = max(train_losses(tmp_path))
-  assert stopped_at < STEPS and final_params(tmp_path)[0] == stopped_at
+  assert max(train_losses(tmp_path)) == final_params(tmp_path)[0] == 1
+  stopped_at = 1
 
   proc = subprocess.Popen(command(train_cli, tmp_path), env=train_cli["env"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)

@@ -6,7 +6,6 @@ The 8-device checks need XLA_FLAGS and 64-bit JAX set before anything runs, so t
 torch parity tests'.
 """
 
-import os
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from ssdlite_jax import optim, porting
 from ssdlite_jax.models import build_model, default_model_config
 from ssdlite_jax.distributed import AXIS, make_mesh, shard_batch
 from ssdlite_jax.train_step import create_train_state, make_train_step
-from tests.helpers import REPO, import_or_skip, xla_flags
+from tests.helpers import REPO, import_or_skip, subprocess_env, tiny_model_config
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy, to_nchw
 
 NUM_DEVICES = 8
@@ -45,12 +44,8 @@ def _batch(images, boxes, labels, mask):
 
 
 def _small_config(dtype="float32"):
-  """Same code path as SSDlite320, a quarter of the width on 128 px inputs (faster to compile)."""
-  config = default_model_config()
-  config.image_size = 128
-  config.backbone_kwargs.width_mult = 0.25
-  config.dtype = dtype
-  return config
+  """The tiny model with COCO's 91 classes (the GT labels go up to 62)."""
+  return tiny_model_config(num_classes=91, dtype=dtype)
 
 
 def _small_batch(n, seed=0, dtype=np.float32):
@@ -63,7 +58,7 @@ def _small_batch(n, seed=0, dtype=np.float32):
 @pytest.fixture(scope="module", autouse=True)
 def multidevice_process():
   """The 8-device checks, running in the background while the other tests of this module run."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(NUM_DEVICES))
+  env = subprocess_env(NUM_DEVICES)
   proc = subprocess.Popen([sys.executable, "-m", "tests.test_train_step"], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   yield proc
