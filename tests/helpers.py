@@ -44,18 +44,18 @@ def subprocess_env(device_count=None, **extra):
   return env
 
 
+TINY = {"image_size": 128, "width_mult": 0.25}   # the tiny model's input size and width (tiny_model_config)
+
+
 def tiny_model_config(**overrides):
   """The tests' small model for mechanics (checkpoints, multi-device steps, train.py runs, export plumbing):
   SSDlite320's code paths at a quarter of the width on 128 px inputs, 4 classes (the synthetic dataset's 3 and
   background). Parity tests use the full-size models instead."""
   from ssdlite_jax.models import default_model_config
   config = default_model_config()
-  config.update(dict(dict(image_size=TINY["image_size"], num_classes=4), **overrides))
+  config.update({"image_size": TINY["image_size"], "num_classes": 4, **overrides})
   config.backbone_kwargs.width_mult = TINY["width_mult"]
   return config
-
-
-TINY = {"image_size": 128, "width_mult": 0.25}
 
 
 def train_command(train_cli, workdir, *, batch, steps, lr, extras=False, overrides=()):
