@@ -40,10 +40,11 @@ def run_worker(module: str, args, env=None, python: str = sys.executable):
   full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if env:
     full_env.update(env)
-  proc = subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True)
+  # stderr streams through (the worker's progress lines reach a log even if it is killed); stdout is parsed.
+  proc = subprocess.run(cmd, env=full_env, cwd=REPO, stdout=subprocess.PIPE, text=True)
   lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
   if proc.returncode != 0 or not lines:
-    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+    sys.stderr.write(proc.stdout[-4000:])
     raise RuntimeError(f"worker {cmd} failed with exit code {proc.returncode}")
   return json.loads(lines[-1][len("RESULT "):])
 
