@@ -66,8 +66,8 @@ def pytest_ignore_collect(collection_path, config):
 @pytest.fixture(scope="session")
 def train_cli(tmp_path_factory):
   """What train.py subprocesses share (test_train.py, test_multihost.py, test_export.py's calibration): the
-  environment (helpers.subprocess_env), the tiny synthetic dataset (generated here once: concurrent processes
-  would race to write it) and a scratch directory."""
+  environment (helpers.subprocess_env at helpers.QUICK_COMPILE: they test mechanics), the tiny synthetic dataset
+  (generated here once: concurrent processes would race to write it) and a scratch directory."""
   from ssdlite_jax.data import config as data_config, pipeline
   from tests.helpers import subprocess_env
 
@@ -76,4 +76,4 @@ def train_cli(tmp_path_factory):
   cfg = data_config.default_data_config()
   cfg.update(data_dir=data_dir, synthetic_num_train=24, synthetic_num_val=6)
   pipeline.open_source(cfg)
-  return {"env": subprocess_env(), "data_dir": data_dir, "tmp": tmp}
+  return {"env": subprocess_env(quick_compile=True), "data_dir": data_dir, "tmp": tmp}

@@ -20,24 +20,33 @@ def import_or_skip(name):
     pytest.skip(f"{name} is not installed (pip install -r requirements-dev.txt)")
 
 
-def xla_flags(device_count=None):
+# XLA's LLVM back end at -O0 for the mechanics subprocesses (train.py runs, the 8-device step checks): they compile
+# far more than they compute, and compare runs with each other, never with a reference. Measured on 2 cores: a
+# cold tiny train.py run 70 s -> 46 s wall (84 -> 51 CPU-s); the full-size step runs 3.4x slower at -O0, and its
+# rounding moves like another CPU's, so parity tests keep XLA's defaults.
+QUICK_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(device_count=None, quick_compile=False):
   """This process's XLA_FLAGS (e.g. --xla_cpu_max_isa=AVX2) for a subprocess, with its own simulated CPU
-  device count (none by default) instead of any inherited one."""
+  device count (none by default) instead of any inherited one, and QUICK_COMPILE if `quick_compile`."""
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   if device_count:
     flags.append(f"--xla_force_host_platform_device_count={device_count}")
+  if quick_compile:
+    flags.append(QUICK_COMPILE)
   return " ".join(flags)
 
 
-def subprocess_env(device_count=None, **extra):
+def subprocess_env(device_count=None, quick_compile=False, **extra):
   """The environment of a Python subprocess: this one's, with the run's one compilation cache (conftest.py; the
   programs the subprocess shares with others compile once per test run), this process's XLA flags with
-  `device_count` simulated CPU devices (none by default), no inherited multi-process settings, TF's C++ INFO
-  lines off, then `extra`."""
+  `device_count` simulated CPU devices (none by default) and QUICK_COMPILE if `quick_compile`, no inherited
+  multi-process settings, TF's C++ INFO lines off, then `extra`."""
   import jax
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             XLA_FLAGS=xla_flags(device_count), TF_CPP_MIN_LOG_LEVEL="2")
+             XLA_FLAGS=xla_flags(device_count, quick_compile), TF_CPP_MIN_LOG_LEVEL="2")
   for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(key, None)
   env.update(extra)

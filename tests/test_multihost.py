@@ -68,7 +68,7 @@ def launch(train_cli, workdir, processes):
   port = _free_port()
   procs, logs = [], []
   for i in range(processes):
-    e = dict(train_cli["env"], XLA_FLAGS=xla_flags(DEVICES // processes))
+    e = dict(train_cli["env"], XLA_FLAGS=xla_flags(DEVICES // processes, quick_compile=True))
     if processes > 1:
       e.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i))
     log = os.path.join(log_dir, f"{os.path.basename(str(workdir))}_p{i}.log")

@@ -58,7 +58,7 @@ def _small_batch(n, seed=0, dtype=np.float32):
 @pytest.fixture(scope="module", autouse=True)
 def multidevice_process():
   """The 8-device checks, running in the background while the other tests of this module run."""
-  env = subprocess_env(NUM_DEVICES)
+  env = subprocess_env(NUM_DEVICES, quick_compile=True)
   proc = subprocess.Popen([sys.executable, "-m", "tests.test_train_step"], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   yield proc
