@@ -80,9 +80,7 @@ def worker_jax(sizes):
   for batch in sizes["batches"]:
     for dtype in ("float32", "bfloat16"):
       r = train_step.worker_jax(_train_args(batch, sizes, dtype=dtype))
-      train.append(dict(r, batch=batch, images_per_s=batch / r["step_s"]))
-      _progress(f"ours {dtype} batch {batch}: {train[-1]['images_per_s']:.1f} img/s, "
-                + json.dumps({k: v for k, v in r.items() if k != "step_times_s"}))
+      train.append(_train_row(f"ours {dtype}", batch, r))
   t0 = time.perf_counter()
   curves = loss_curves(sizes["curve_steps"], sizes["curve_batch"])
   _progress(f"ours loss curves: {time.perf_counter() - t0:.1f} s, last f32 {curves['float32'][-1]:.3f} "
@@ -97,13 +95,19 @@ def _progress(line):
   print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
+def _train_row(label, batch, r):
+  """A train_step worker's result `r` as a device_check row (with batch and images/s), logged as it comes."""
+  row = dict(r, batch=batch, images_per_s=batch / r["step_s"])
+  _progress(f"{label} batch {batch}: {row['images_per_s']:.1f} img/s, "
+            + json.dumps({k: v for k, v in r.items() if k != "step_times_s"}))
+  return row
+
+
 def worker_torch(sizes):
   train = []
   for batch in sizes["batches"]:
     r = train_step.worker_torch(_train_args(batch, sizes, amp=True, channels_last=True))
-    train.append(dict(r, batch=batch, images_per_s=batch / r["step_s"]))
-    _progress(f"torchvision amp batch {batch}: {train[-1]['images_per_s']:.1f} img/s, "
-              + json.dumps({k: v for k, v in r.items() if k != "step_times_s"}))
+    train.append(_train_row("torchvision amp", batch, r))
   infer = inference.worker_torch(_inference_args(sizes))
   _progress(f"torchvision inference: {infer}")
   return {"train": train, "inference": infer}

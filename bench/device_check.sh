@@ -2,7 +2,7 @@
 # The one-shot accelerator check: bench/device_check.py's figures in OUTDIR/device_check.json, with nvidia-smi
 # and the whole log beside it.
 #
-#   bash bench/device_check.sh OUTDIR                           # on the GPU machine (~8 min on one H200)
+#   bash bench/device_check.sh OUTDIR                           # on the GPU machine (~8 min on one H200, estimated)
 #   JAX_PLATFORMS=cpu bash bench/device_check.sh --smoke OUTDIR # tiny sizes: debug it on a CPU first
 #   bash bench/device_check.sh OUTDIR --batches 64 --curve_steps 30  # a shorter window: fewer sizes
 #
@@ -26,6 +26,9 @@ fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 # One compilation cache for the run: the loss curves' steps are the timed steps' programs, and the JAX worker
 # builds a fresh optimizer for each, so only the persistent cache can hand them over.
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d)}"
+if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  export JAX_COMPILATION_CACHE_DIR="$(mktemp -d)"
+  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+fi
 { nvidia-smi || echo "nvidia-smi: not available on this machine"; } > "$out/nvidia-smi.txt" 2>&1
 "$py" -m bench.device_check "$out" "${smoke[@]}" "${@:2}" 2>&1 | tee "$out/device_check.log"
