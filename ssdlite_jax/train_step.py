@@ -13,12 +13,12 @@ input state (step, params, BN statistics and optimizer state all unchanged) and
 `metrics["finite"]` is False, so the training loop can stop with a clean last state.
 """
 
+import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -58,12 +58,19 @@ def create_train_state(detector: Detector, tx: optax.GradientTransformation, rng
   rng, init_rng = jax.random.split(rng)
   if variables is None:
     variables = detector.init(init_rng)
-  state = TrainState(step=np.zeros((), np.int32), params=variables["params"],
-                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                     rng=rng)
-  # jit, not device_put: device_put cannot target devices of other processes (multi-host); the copies keep
-  # `variables` valid when the state is donated.
-  return jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=NamedSharding(mesh, P()))(state)
+  return _state_from(tx, mesh)(variables, rng)
+
+
+@functools.lru_cache(maxsize=16)
+def _state_from(tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
+  """jitted (variables, rng) -> step-0 TrainState replicated over `mesh`: one program per optimizer and mesh (tx.init
+  run eagerly would compile a zeros op per tensor shape); jit, not device_put, which cannot target devices of other
+  processes (multi-host)."""
+  def state_from(variables, rng):
+    variables, rng = jax.tree.map(jnp.copy, (variables, rng))   # `variables` stay valid when the state is donated
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]), rng=rng)
+  return jax.jit(state_from, out_shardings=NamedSharding(mesh, P()))
 
 
 def _mean_float_stats(batch_stats):
