@@ -20,11 +20,13 @@ def import_or_skip(name):
     pytest.skip(f"{name} is not installed (pip install -r requirements-dev.txt)")
 
 
-# XLA's LLVM back end at -O0 for the mechanics subprocesses (train.py runs, the 8-device step checks): they compile
-# far more than they compute, and compare runs with each other, never with a reference. Measured on 2 cores: a
-# cold tiny train.py run 70 s -> 46 s wall (84 -> 51 CPU-s); the full-size step runs 3.4x slower at -O0, and its
-# rounding moves like another CPU's, so parity tests keep XLA's defaults.
-QUICK_COMPILE = "--xla_backend_optimization_level=0"
+# XLA's LLVM back end at -O0 for mechanics (train.py runs, the 8-device step checks, the tiny steps whose outcome is
+# checked, not compared with a reference): they compile far more than they compute. Measured on 2 cores: a cold
+# tiny train.py run 70 s -> 46 s wall (84 -> 51 CPU-s), the tiny bf16 step's compile 39 -> 28 s (jax 0.12: 34 ->
+# 21 s); the full-size step runs 3.4x slower at -O0, and its rounding moves like another CPU's, so parity tests
+# keep XLA's defaults. QUICK_COMPILE_OPTIONS for Lowered.compile in process, QUICK_COMPILE for XLA_FLAGS.
+QUICK_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
+QUICK_COMPILE = " ".join(f"--{k}={v}" for k, v in QUICK_COMPILE_OPTIONS.items())
 
 
 def xla_flags(device_count=None, quick_compile=False):

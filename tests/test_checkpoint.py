@@ -15,7 +15,7 @@ from ssdlite_jax import checkpoint, optim
 from ssdlite_jax.distributed import make_mesh, shard_batch
 from ssdlite_jax.models import build_model, ssd300_vgg16_config
 from ssdlite_jax.train_step import TrainState, create_train_state, make_train_step
-from tests.helpers import subprocess_env, tiny_model_config
+from tests.helpers import QUICK_COMPILE_OPTIONS, subprocess_env, tiny_model_config
 from tests.torch_reference import smooth_images
 
 
@@ -31,7 +31,8 @@ def test_train_state_round_trip_is_exact(tmp_path):
   batch = dict(image=smooth_images(2, 128, 128, seed=0), boxes=np.array([[[4, 6, 40, 50]]] * 2, np.float32),
                labels=np.array([[2], [1]], np.int32), mask=np.ones((2, 1), bool),
                image_id=np.arange(2, dtype=np.int32), orig_size=np.full((2, 2), 128, np.int32))
-  state, _ = make_train_step(det, tx, schedule, mesh)(start, shard_batch(batch, mesh))
+  batch = shard_batch(batch, mesh)
+  state, _ = make_train_step(det, tx, schedule, mesh).lower(start, batch).compile(QUICK_COMPILE_OPTIONS)(start, batch)
   state = jax.device_get(state)
   with checkpoint.train_manager(str(tmp_path / "ckpt"), keep=2) as mngr:
     checkpoint.save_train_state(mngr, state, config)

@@ -18,7 +18,7 @@ from ssdlite_jax import optim, porting
 from ssdlite_jax.models import build_model, default_model_config
 from ssdlite_jax.distributed import AXIS, make_mesh, shard_batch
 from ssdlite_jax.train_step import create_train_state, make_train_step
-from tests.helpers import REPO, import_or_skip, subprocess_env, tiny_model_config
+from tests.helpers import QUICK_COMPILE_OPTIONS, REPO, import_or_skip, subprocess_env, tiny_model_config
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy, to_nchw
 
 NUM_DEVICES = 8
@@ -226,7 +226,9 @@ def test_bfloat16_step_keeps_float32_state():
   tx, schedule = optim.make_optimizer(_optim_config(), steps_per_epoch=100)
   mesh = make_mesh(jax.devices()[:1])
   state = create_train_state(det, tx, jax.random.key(0), mesh)
-  state, metrics = make_train_step(det, tx, schedule, mesh)(state, shard_batch(_small_batch(2), mesh))
+  batch = shard_batch(_small_batch(2), mesh)
+  step = make_train_step(det, tx, schedule, mesh).lower(state, batch).compile(QUICK_COMPILE_OPTIONS)
+  state, metrics = step(state, batch)
   metrics = jax.device_get(metrics)
   assert metrics["finite"] and metrics["num_positives"] > 0
   assert all(np.isfinite(v) for v in metrics.values())
