@@ -2,17 +2,30 @@
 
 Per image: softmax scores; boxes decoded from every anchor and clipped to the model input; for each
 foreground class, scores > score_thresh, top `topk_candidates`; exact per-class greedy NMS (suppress
-IoU > nms_thresh); the best `detections_per_img` overall, sorted by descending score; boxes rescaled to
-the original image size.
+IoU > nms_thresh, the float32 IoU against the float64 threshold as torchvision's kernel; a zero-area box has
+IoU 0 or 0/0 = NaN with every box, so it never suppresses and is never suppressed); the best
+`detections_per_img` overall, sorted by descending score; boxes rescaled to the original image size.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ssdlite_jax import box_coder, boxes as box_ops
+
+
+def float32_iou_threshold(threshold: float, inclusive: bool = False) -> np.float32:
+  """The float32 t for which a float32 IoU test `iou > t` (inclusive: `iou >= t`, as LiteRT's NMS) decides as
+  torchvision's NMS kernel, which compares the float32 IoU with the float64 `threshold`: t is the largest float32
+  <= threshold (inclusive: the next float32 above that). For 0.55, float32(0.55) is above 0.55, so an IoU of exactly
+  float32(0.55) is suppressed, which `iou > float32(0.55)` would keep."""
+  t = np.float32(threshold)
+  if float(t) > threshold:   # in float64 (numpy would compare in float32)
+    t = np.nextafter(t, np.float32(-np.inf))
+  return np.nextafter(t, np.float32(np.inf)) if inclusive else t
 
 
 def per_class_nms(boxes, valid, iou_threshold: float):
@@ -25,7 +38,8 @@ def per_class_nms(boxes, valid, iou_threshold: float):
   """
   num = boxes.shape[1]
   idx = jnp.arange(num)
-  overlaps = (box_ops.box_iou(boxes, boxes) > iou_threshold) & (idx[None, :] > idx[:, None])[None]
+  threshold = float32_iou_threshold(iou_threshold)
+  overlaps = (box_ops.box_iou(boxes, boxes) > threshold) & (idx[None, :] > idx[:, None])[None]
 
   def body(i, state):
     keep, suppressed = state
@@ -43,10 +57,11 @@ def decode_boxes(bbox_regression, anchors, image_size, weights=box_coder.DEFAULT
   return box_ops.clip_boxes(box_coder.decode(bbox_regression, anchors, weights), *image_size)
 
 
-def _postprocess_one(cls_logits, bbox_regression, anchors, orig_size, image_size, score_thresh, nms_thresh,
-                     topk_candidates, detections_per_img, weights):
-  img_h, img_w = image_size
-  boxes = decode_boxes(bbox_regression, anchors, image_size, weights)
+def select(boxes, cls_logits, score_thresh, nms_thresh, topk_candidates, detections_per_img):
+  """One image's selection: boxes [A, 4] xyxy model px (decoded, clipped), cls_logits [A, K] -> dict of boxes
+  [D, 4] model px, scores [D], labels [D] int32, valid [D] bool (invalid slots zero), sorted by score. Per foreground
+  class, the top `topk_candidates` scores > score_thresh, greedy NMS; then the best D overall, ties to the lower
+  (class, candidate) index. Every export format builds this in its runtime's ops."""
   scores = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)[:, 1:].T           # [C, A] foreground
   masked = jnp.where(scores > score_thresh, scores, -jnp.inf)
   k = min(topk_candidates, masked.shape[1])
@@ -57,17 +72,23 @@ def _postprocess_one(cls_logits, bbox_regression, anchors, orig_size, image_size
   flat_scores = jnp.where(keep, cand_scores, -jnp.inf).reshape(-1)
   d = min(detections_per_img, flat_scores.shape[0])
   out_scores, order = lax.top_k(flat_scores, d)
-  out_boxes = cand_boxes.reshape(-1, 4)[order]
-  labels = (order // k + 1).astype(jnp.int32)
-  orig_h, orig_w = orig_size[0].astype(jnp.float32), orig_size[1].astype(jnp.float32)
-  ratio = jnp.stack([orig_w / img_w, orig_h / img_h] * 2)
   out_valid = out_scores > -jnp.inf
   return {
-      "boxes": jnp.where(out_valid[:, None], out_boxes * ratio, 0.0),
+      "boxes": jnp.where(out_valid[:, None], cand_boxes.reshape(-1, 4)[order], 0.0),
       "scores": jnp.where(out_valid, out_scores, 0.0),
-      "labels": jnp.where(out_valid, labels, 0),
+      "labels": jnp.where(out_valid, (order // k + 1).astype(jnp.int32), 0),
       "valid": out_valid,
   }
+
+
+def _postprocess_one(cls_logits, bbox_regression, anchors, orig_size, image_size, score_thresh, nms_thresh,
+                     topk_candidates, detections_per_img, weights):
+  img_h, img_w = image_size
+  boxes = decode_boxes(bbox_regression, anchors, image_size, weights)
+  out = select(boxes, cls_logits, score_thresh, nms_thresh, topk_candidates, detections_per_img)
+  orig_h, orig_w = orig_size[0].astype(jnp.float32), orig_size[1].astype(jnp.float32)
+  ratio = jnp.stack([orig_w / img_w, orig_h / img_h] * 2)
+  return {**out, "boxes": out["boxes"] * ratio}
 
 
 def postprocess(cls_logits, bbox_regression, anchors, orig_sizes, image_size, score_thresh=0.001,
