@@ -9,12 +9,13 @@
            other slots are zero (an image with nothing above score_thresh gives num 0, not an error).
 
 The network, box decoding + clipping and the softmax are the JAX model, converted by jax2onnx; the selection is
-appended as plain ONNX ops (onnx.helper) doing what postprocess.py does: per class, the top `topk_candidates`
+appended as plain ONNX ops (onnx.helper) doing what postprocess.select does: per class, the top `topk_candidates`
 scores above `score_thresh` (TopK); per class greedy NMS (one `NonMaxSuppression`, each (image, class) pair a
-batch entry of its own, so classes never interact); the best D overall (TopK) and the gathers. ONNX's
-NonMaxSuppression suppresses at IoU > nms_thresh, as torchvision's (checked on onnxruntime by
-tests/test_export_onnx.py, a box at IoU exactly the threshold is kept), and both TopKs break ties by the lower
-index, as lax.top_k: the detections are the Predictor's.
+batch entry of its own, so classes never interact); the best D overall (TopK) and the gathers. What the ONNX
+spec leaves to the runtime the graph decides: the NMS ranks candidates by position (score ties go to the lower
+one), zero-area candidates are kept outside it, and its float32 IoU threshold makes `IoU > t` torchvision's
+decision (postprocess.float32_iou_threshold). Both TopKs break ties by the lower index, as lax.top_k: the
+detections are the Predictor's (tests/test_export_selection.py, tests/test_export_onnx.py).
 
 Needs jax2onnx and onnx to convert, which pin an older orbax-checkpoint than requirements.txt: a separate venv,
 `pip install -r requirements-onnx.txt -e .`. Running the file needs only onnxruntime (or another ONNX runtime):
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssdlite_jax import postprocess
 from ssdlite_jax.export import network_and_decode
 from ssdlite_jax.models import Detector
 
@@ -85,11 +87,12 @@ def _append_postprocess(model, detector: Detector):
       "score_thresh": np.float32(cfg.score_thresh), "minus_one": np.float32(-1.0), "zero_f": np.float32(0.0),
       "k": np.array([k], np.int64), "k_scalar": np.int64(k), "d": np.array([d], np.int64),
       "one_i": np.int64(1), "zero_i": np.int64(0), "nms_max": np.array([k], np.int64),
-      "nms_iou": np.array([cfg.nms_thresh], np.float32), "nms_score": np.array([0.0], np.float32),
+      "nms_iou": np.array([postprocess.float32_iou_threshold(cfg.nms_thresh)], np.float32),
+      "nms_score": np.array([0.0], np.float32), "rank": np.arange(k, 0, -1, dtype=np.float32),
       "shape_idx": np.array([0, -1, 1], np.int64), "shape_nms_boxes": np.array([-1, k, 4], np.int64),
       "shape_nms_scores": np.array([-1, 1, k], np.int64), "shape_flat": np.array([-1], np.int64),
       "shape_per_image": np.array([-1, num_fg * k], np.int64), "axis_1": np.array([1], np.int64),
-      "axis_2": np.array([2], np.int64), "col_0": np.int64(0), "col_2": np.int64(2),
+      "axis_2": np.array([2], np.int64), **{f"col_{i}": np.int64(i) for i in range(4)},
       "image_scale": np.array([width, height, width, height], np.float32),
   }
   graph.initializer.extend(numpy_helper.from_array(v, "pp_" + n) for n, v in consts.items())
@@ -102,9 +105,24 @@ def _append_postprocess(model, detector: Detector):
   node("TopK", ["pp_masked", c("k")], ["pp_cand_scores", "pp_cand_idx"], axis=-1, largest=1, sorted=1)  # [b, C, k]
   node("Reshape", ["pp_cand_idx", c("shape_idx")], ["pp_cand_idx3"])                                 # [b, C*k, 1]
   node("GatherND", ["boxes_all", "pp_cand_idx3"], ["pp_cand_boxes"], batch_dims=1)                   # [b, C*k, 4]
+  # Zero-area candidates stay out of the NMS and are kept (torchvision never suppresses them, nor by them; ONNX
+  # leaves a degenerate box's IoU to the runtime); the NMS ranks the others by position, so that ties go to the
+  # lower position in every runtime, as in postprocess.select.
+  for i, coord in enumerate(("x1", "y1", "x2", "y2")):
+    node("Gather", ["pp_cand_boxes", c(f"col_{i}")], [f"pp_{coord}"], axis=2)                      # [b, C*k]
+  node("Sub", ["pp_x2", "pp_x1"], ["pp_w"])
+  node("Sub", ["pp_y2", "pp_y1"], ["pp_h"])
+  node("Mul", ["pp_w", "pp_h"], ["pp_area"])
+  node("LessOrEqual", ["pp_area", c("zero_f")], ["pp_zero_area_flat"])
+  node("Shape", ["pp_cand_scores"], ["pp_cand_shape"])
+  node("Reshape", ["pp_zero_area_flat", "pp_cand_shape"], ["pp_zero_area"])                          # [b, C, k]
+  node("GreaterOrEqual", ["pp_cand_scores", c("zero_f")], ["pp_cand_valid"])
+  node("Not", ["pp_zero_area"], ["pp_has_area"])
+  node("And", ["pp_cand_valid", "pp_has_area"], ["pp_nms_valid"])
+  node("Where", ["pp_nms_valid", c("rank"), c("minus_one")], ["pp_nms_ranks"])
   # NMS with every (image, class) pair as a batch entry of k boxes; -1 scores are below its score threshold.
   node("Reshape", ["pp_cand_boxes", c("shape_nms_boxes")], ["pp_nms_boxes"])                         # [b*C, k, 4]
-  node("Reshape", ["pp_cand_scores", c("shape_nms_scores")], ["pp_nms_scores"])                      # [b*C, 1, k]
+  node("Reshape", ["pp_nms_ranks", c("shape_nms_scores")], ["pp_nms_scores"])                        # [b*C, 1, k]
   node("NonMaxSuppression", ["pp_nms_boxes", "pp_nms_scores", c("nms_max"), c("nms_iou"), c("nms_score")],
        ["pp_selected"], center_point_box=0)                                                           # [N, 3]
   node("Gather", ["pp_selected", c("col_0")], ["pp_sel_entry"], axis=1)
@@ -112,14 +130,17 @@ def _append_postprocess(model, detector: Detector):
   node("Mul", ["pp_sel_entry", c("k_scalar")], ["pp_sel_base"])
   node("Add", ["pp_sel_base", "pp_sel_box"], ["pp_sel_flat"])
   node("Unsqueeze", ["pp_sel_flat", c("axis_1")], ["pp_sel_flat2"])                                   # [N, 1]
-  # kept [b*C*k]: 1 where NMS selected the candidate; the kept scores, the others -1.
+  # kept [b*C*k]: where NMS selected the candidate or it is a valid zero-area one; the kept scores, the others -1.
   node("Reshape", ["pp_cand_scores", c("shape_flat")], ["pp_flat_scores"])
   node("Shape", ["pp_flat_scores"], ["pp_flat_shape"])
   node("ConstantOfShape", ["pp_flat_shape"], ["pp_zeros"], value=helper.make_tensor("", TensorProto.FLOAT, [1], [0]))
   node("Shape", ["pp_sel_flat"], ["pp_sel_shape"])
   node("ConstantOfShape", ["pp_sel_shape"], ["pp_ones"], value=helper.make_tensor("", TensorProto.FLOAT, [1], [1]))
   node("ScatterND", ["pp_zeros", "pp_sel_flat2", "pp_ones"], ["pp_kept"])
-  node("Greater", ["pp_kept", c("zero_f")], ["pp_kept_mask"])
+  node("Greater", ["pp_kept", c("zero_f")], ["pp_kept_nms"])
+  node("And", ["pp_cand_valid", "pp_zero_area"], ["pp_kept_zero_area"])
+  node("Reshape", ["pp_kept_zero_area", c("shape_flat")], ["pp_kept_zero_area_flat"])
+  node("Or", ["pp_kept_nms", "pp_kept_zero_area_flat"], ["pp_kept_mask"])
   node("Where", ["pp_kept_mask", "pp_flat_scores", c("minus_one")], ["pp_kept_scores_flat"])
   node("Reshape", ["pp_kept_scores_flat", c("shape_per_image")], ["pp_kept_scores"])                 # [b, C*k]
   # The best d per image, and their boxes and labels.

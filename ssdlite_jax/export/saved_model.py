@@ -4,8 +4,8 @@
     -> boxes [1, D, 4] (ymin, xmin, ymax, xmax) fractions, classes [1, D] float32 (label - 1), scores [1, D],
        num [1] float32 (valid detections first)
 
-The same network (jax2tf) and split post-processing as tflite.py (per-class NonMaxSuppressionV5, which
-suppresses at IoU >= nms_thresh where torchvision's suppresses at IoU > nms_thresh), batch 1. Needs TensorFlow
+The same network (jax2tf) and selection as tflite.py (per-class NonMaxSuppressionV5, given the float32 threshold at
+which TensorFlow's kernel, which suppresses at IoU > it, decides as torchvision's), batch 1. Needs TensorFlow
 to write and to run (`tf.saved_model.load(path).signatures["serving_default"](images=...)`, or TF Serving with
 the directory as a model version).
 """
@@ -22,7 +22,7 @@ def export(detector: Detector, variables: Dict[str, Any]) -> Tuple[Callable[[str
   """(a function that writes the SavedModel into an empty directory, metadata extras)."""
   import tensorflow as tf
 
-  detect, extras = tflite.detect_function(detector, variables)
+  detect, extras = tflite.detect_function(detector, variables, inclusive_nms=False)
 
   @tf.function(input_signature=detect.input_signature, autograph=False)
   def serve(images):

@@ -9,10 +9,12 @@ metadata (mediapipe_metadata.py) so that its ObjectDetector runs the file unchan
            (the valid detections come first, sorted by score; the other slots are zero)
 
 The network and box decoding + clipping are the JAX model (jax2tf); the scores and the selection are TF builtins
-doing what postprocess.py does: foreground softmax; per class, the top `topk_candidates` scores above
-`score_thresh`; per class greedy NMS (NON_MAX_SUPPRESSION_V5, one per class, so classes never interact, as
-torchvision); the best D overall. TFLite's NMS suppresses at IoU >= nms_thresh where torchvision's suppresses at
-IoU > nms_thresh: the two differ only for boxes whose IoU is exactly the threshold (tests/test_export.py).
+doing what postprocess.select does (`select`): foreground softmax; per class, the top `topk_candidates` scores
+above `score_thresh`; per class greedy NMS (NON_MAX_SUPPRESSION_V5, one per class, so classes never interact, as
+torchvision); the best D overall. Where LiteRT's NMS alone would differ from torchvision, the graph decides:
+score ties (the NMS ranks candidates by position), zero-area boxes (kept, outside the NMS) and IoUs at exactly
+the threshold (the float32 threshold given to it). The detections are the Predictor's, one to one, up to the
+float rounding of the network (tests/test_export_selection.py, tests/test_export.py).
 
 int8 (post-training, calibrated on the images given): the network runs in int8 (convolutions, activations, SE
 blocks); box decoding, scores, top-k and NMS stay float32, so scores keep their resolution (a 0.001 threshold is
@@ -24,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import numpy as np
 
+from ssdlite_jax import postprocess
 from ssdlite_jax.export import NETWORK_SCOPE, mediapipe_metadata, network_and_decode
 from ssdlite_jax.models import Detector
 
@@ -31,49 +34,73 @@ from ssdlite_jax.models import Detector
 # runs 12x slower in LiteRT, and their matmul form of the SE block's 1x1 convs does not convert).
 KERNELS = "xla"
 # TF-side ops the int8 quantiser would otherwise quantise (by op type: their TF names carry no scope).
-FLOAT_OPS = ["TOPK_V2", "GATHER", "NON_MAX_SUPPRESSION_V5"]
+FLOAT_OPS = ["TOPK_V2", "GATHER", "NON_MAX_SUPPRESSION_V5", "SCATTER_ND"]
 OUTPUTS = ("boxes", "classes", "scores", "num")
 
 
-def detect_function(detector: Detector, variables: Dict[str, Any], int8: bool = False):
+def select(boxes, logits, config, inclusive_nms: bool = True):
+  """postprocess.select in TF builtin ops, for one image: boxes [A, 4] xyxy model px (decoded, clipped), logits
+  [A, K] -> (boxes [D, 4] xyxy model px, class indices [D] int32 (label - 1), scores [D], valid [D] bool), zero
+  where invalid, valid first by descending score. `inclusive_nms`: the graph runs on LiteRT, whose
+  NON_MAX_SUPPRESSION_V5 suppresses at IoU >= its threshold (TensorFlow's kernel: IoU > it); either way the
+  threshold given makes the decision torchvision's (postprocess.float32_iou_threshold)."""
+  import tensorflow as tf
+
+  num_fg = config.num_classes - 1
+  k = min(config.topk_candidates, boxes.shape[0])
+  d = min(config.detections_per_img, num_fg * k)
+  # softmax(logits)[:, 1:], written without a SOFTMAX op: TFLite's quantiser puts int8 on whatever consumes a
+  # SOFTMAX, denylisted or not, which would round every score to a multiple of 1/256.
+  scores = tf.exp(logits[:, 1:] - tf.reduce_logsumexp(logits, axis=1, keepdims=True))
+  cand_scores, cand_idx = tf.math.top_k(tf.transpose(tf.where(scores > config.score_thresh, scores, -1.0)), k)
+  cand_boxes = tf.gather(boxes, cand_idx)                                                    # [C, k, 4]
+  x1, y1, x2, y2 = tf.unstack(cand_boxes, axis=2)
+  valid = cand_scores >= 0.0
+  zero_area = (x2 - x1) * (y2 - y1) <= 0.0
+  # The NMS ranks the candidates by their position, not their score: ties then go to the lower position, as in
+  # postprocess.select, where LiteRT's priority queue would pick any. Zero-area candidates stay out of it (-1 is
+  # below its score threshold) and are kept: torchvision never suppresses them, nor by them, while LiteRT selects
+  # one again and again (its IoU with itself is 0, where any other box's is 1) until the output is full.
+  rank = tf.cast(tf.range(k, 0, -1), tf.float32)
+  nms_scores = tf.where(valid & ~zero_area, rank[None], -1.0)
+  threshold = float(postprocess.float32_iou_threshold(config.nms_thresh, inclusive_nms))
+  selected = []
+  for c in range(num_fg):
+    indices, _, count = tf.raw_ops.NonMaxSuppressionV5(
+        boxes=cand_boxes[c], scores=nms_scores[c], max_output_size=k, iou_threshold=threshold,
+        score_threshold=0.0, soft_nms_sigma=0.0, pad_to_max_output_size=True)
+    selected.append(tf.where(tf.range(k) < count, indices + c * k, num_fg * k))   # padding -> a spare slot
+  kept = tf.scatter_nd(tf.reshape(tf.stack(selected), [-1, 1]), tf.ones([num_fg * k]), [num_fg * k + 1])
+  keep = (tf.reshape(kept[:-1], [num_fg, k]) > 0.0) | (valid & zero_area)
+  out_scores, order = tf.math.top_k(tf.reshape(tf.where(keep, cand_scores, -1.0), [-1]), d)
+  out_valid = out_scores >= 0.0
+  return (tf.where(out_valid[:, None], tf.gather(tf.reshape(cand_boxes, [-1, 4]), order), 0.0),
+          tf.where(out_valid, order // k, 0), tf.where(out_valid, out_scores, 0.0), out_valid)
+
+
+def detect_function(detector: Detector, variables: Dict[str, Any], int8: bool = False, inclusive_nms: bool = True):
   """(tf.function images [1, S, S, 3] -> the four OUTPUTS as a tuple, in that order; metadata extras): the
-  network (jax2tf) and the split post-processing, float32 input in [0, 1] or, with int8, uint8 pixels."""
+  network (jax2tf) and `select`, float32 input in [0, 1] or, with int8, uint8 pixels. `inclusive_nms`: for LiteRT
+  (True) or TensorFlow (False), see `select`."""
   import tensorflow as tf
   from jax.experimental import jax2tf
 
-  cfg = detector.config
   size = detector.image_size
   jax_part = network_and_decode(detector, jax.device_get(variables))
   network = jax2tf.convert(lambda images: tuple(x[0] for x in jax_part(images)), with_gradient=False)
-  num_fg = cfg.num_classes - 1
-  k = min(cfg.topk_candidates, len(detector.anchors))
-  d = min(cfg.detections_per_img, num_fg * k)
   input_dtype = tf.uint8 if int8 else tf.float32
 
   @tf.function(input_signature=[tf.TensorSpec((1,) + size + (3,), input_dtype, name="images")], autograph=False)
   def detect(images):
     boxes, logits = network(tf.cast(images, tf.float32) / 255.0 if int8 else images)
-    # softmax(logits)[:, 1:], written without a SOFTMAX op: TFLite's quantiser puts int8 on whatever consumes a
-    # SOFTMAX, denylisted or not, which would round every score to a multiple of 1/256.
-    scores = tf.exp(logits[:, 1:] - tf.reduce_logsumexp(logits, axis=1, keepdims=True))
-    cand_scores, cand_idx = tf.math.top_k(tf.transpose(tf.where(scores > cfg.score_thresh, scores, -1.0)), k)
-    kept_scores, kept_boxes = [], []
-    for c in range(num_fg):
-      cand_boxes = tf.gather(boxes, cand_idx[c])
-      selected, _, count = tf.raw_ops.NonMaxSuppressionV5(
-          boxes=cand_boxes, scores=cand_scores[c], max_output_size=k, iou_threshold=cfg.nms_thresh,
-          score_threshold=0.0, soft_nms_sigma=0.0, pad_to_max_output_size=True)
-      kept_scores.append(tf.where(tf.range(k) < count, tf.gather(cand_scores[c], selected), -1.0))
-      kept_boxes.append(tf.gather(cand_boxes, selected))
-    out_scores, order = tf.math.top_k(tf.concat(kept_scores, 0), d)
-    out_boxes = tf.gather(tf.concat(kept_boxes, 0), order)
-    valid = out_scores > 0.0
+    out_boxes, classes, scores, valid = select(boxes, logits, detector.config, inclusive_nms)
     x1, y1, x2, y2 = tf.unstack(out_boxes, axis=1)
     yxyx = tf.stack([y1 / size[0], x1 / size[1], y2 / size[0], x2 / size[1]], axis=1)
     # A tuple, not a dict: the outputs keep this order (MediaPipe reads boxes, classes, scores, num).
-    return (tf.where(valid[:, None], yxyx, 0.0)[None], tf.where(valid, tf.cast(order // k, tf.float32), 0.0)[None],
-            tf.where(valid, out_scores, 0.0)[None], tf.reduce_sum(tf.cast(valid, tf.float32))[None])
+    return (yxyx[None], tf.cast(classes, tf.float32)[None], scores[None],
+            tf.reduce_sum(tf.cast(valid, tf.float32))[None])
 
+  d = int(detect.get_concrete_function().structured_outputs[2].shape[1])
   extras = {
       "inputs": {"images": [1, *size, 3, ("uint8 RGB pixels" if int8 else "float32 RGB in [0, 1]")
                             + ", resized to the model size"]},
