@@ -101,7 +101,11 @@ def max_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = Fa
         out -= 1
       extra = max(0, (out - 1) * stride + kernel - n - 2 * padding)
     pads.append((padding, padding + extra))
-  return nn.max_pool(x, (kernel, kernel), (stride, stride), padding=pads)
+  # The padding as its own -inf pad, then a VALID pool by keyword: jax2onnx converts only that form of
+  # nn.max_pool (explicit pads fail in its patched max_pool; lax.reduce_window becomes a 4-D MaxPool).
+  if any(pads[0] + pads[1]):
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+  return nn.max_pool(x, window_shape=(kernel, kernel), strides=(stride, stride), padding="VALID")
 
 
 def depthwise_conv_xla(x, kernel, stride: int, padding):
