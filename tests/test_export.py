@@ -18,7 +18,7 @@ import pytest
 from ssdlite_jax import checkpoint, detect, porting
 from ssdlite_jax.cli import export as export_cli
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import build_model
+from ssdlite_jax.models import build_model, ssd300_vgg16_config
 from tests.helpers import import_or_skip, tiny_model_config
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
@@ -434,18 +434,19 @@ def _rows(boxes_xyxy, labels, scores, class_names):
   return np.asarray(boxes_xyxy, np.float64), [class_names[int(label)] for label in labels], np.asarray(scores)
 
 
-def _assert_equals_the_predictor(got, reference, i, class_names, box_atol=1e-3 * 320):
-  """The raw 4-tensor outputs (yxyx fractions) against the Predictor's detections of image i: the same number,
-  every one of them one to one (order free among scores equal to float rounding), sorted by score, zeros after."""
+def _assert_equals_the_predictor(got, reference, i, class_names, size=320):
+  """The raw 4-tensor outputs (yxyx fractions) against the Predictor's detections of image i at the model size
+  (square `size`): the same number, every one of them one to one (order free among scores equal to float
+  rounding; boxes within 1e-3 of the size), sorted by score, zeros after."""
   boxes, classes, scores, num = (np.asarray(a)[0] for a in got)
   n = int(reference["valid"][i].sum())
   assert int(num) == n > 0
   assert not scores[n:].any() and not boxes[n:].any() and not classes[n:].any()
   assert (np.diff(scores[:n]) <= 1e-6).all()
   _assert_same_detections(
-      _rows(boxes[:n][:, [1, 0, 3, 2]] * 320, classes[:n] + 1, scores[:n], class_names),
+      _rows(boxes[:n][:, [1, 0, 3, 2]] * size, classes[:n] + 1, scores[:n], class_names),
       _rows(reference["boxes"][i][:n], reference["labels"][i][:n], reference["scores"][i][:n], class_names),
-      score_atol=1e-5, box_atol=box_atol)
+      score_atol=1e-5, box_atol=1e-3 * size)
 
 
 @pytest.mark.tf
@@ -478,6 +479,51 @@ def test_mediapipe_reads_one_detection_per_row_for_every_num(adversarial):
     want = _rows(boxes[0][:n][:, [1, 0, 3, 2]] * 320, classes[0][:n] + 1, scores[0][:n], class_names)
     _assert_same_detections(got, want, score_atol=1e-6, box_atol=2.0)   # whole pixels: origin and size
   assert (min(nums) < 300) == (len(class_names) == 2), nums
+
+
+@pytest.mark.tf
+@pytest.mark.torch
+@pytest.mark.parametrize("adversarial", [2], indirect=True)
+def test_saved_model_and_stablehlo_equal_the_predictor_on_zero_area_boxes(adversarial, tmp_path):
+  """The other two formats on the 2-class adversarial case (half the boxes zero-area, num < D): TensorFlow's
+  NonMaxSuppressionV5 (IoU > t) in the SavedModel, detect.detect in the StableHLO file (with the CPU kernels)."""
+  tf = import_or_skip("tensorflow")
+  weights, _, reference, class_names = adversarial
+  images = ADVERSARIAL_IMAGES.astype(np.float32)
+  saved = str(tmp_path / "saved_model")
+  export_cli.main(["--torch-weights", weights, "--format", "saved_model", "--out", saved])
+  serve = tf.saved_model.load(saved).signatures["serving_default"]
+  for i, image in enumerate(images):
+    got = {k: v.numpy() for k, v in serve(images=tf.constant(image[None])).items()}
+    _assert_equals_the_predictor([got[k] for k in ("boxes", "classes", "scores", "num")], reference, i, class_names)
+  stablehlo = str(tmp_path / "ssdlite.jaxexport")
+  export_cli.main(["--torch-weights", weights, "--format", "stablehlo", "--out", stablehlo])
+  got = jax.device_get(_deserialize(stablehlo).call(images, np.full((len(images), 2), 320, np.int32)))
+  for i in range(len(images)):   # as the 4 tensors of the other formats (its kernels round otherwise)
+    as_tensors = (got["boxes"][i:i + 1][..., [1, 0, 3, 2]] / 320, got["labels"][i:i + 1] - got["valid"][i:i + 1],
+                  got["scores"][i:i + 1], got["valid"][i:i + 1].sum(1))
+    _assert_equals_the_predictor(as_tensors, reference, i, class_names)
+
+
+@pytest.mark.tf
+def test_ssd300_vgg16_tflite_equals_the_predictor(tmp_path):
+  """SSD300-VGG16 (35.6 M parameters: a 143 MB .tflite) from a checkpoint of its initialisation, on LiteRT against
+  the Predictor on a 300 x 300 image: every one of the 200 detections (SSD300's D) one to one. VGG's ceil-mode and
+  padded max pools, L2Norm and dilated convolution convert to LiteRT builtins. (The SavedModel is the same graph;
+  its NMS: test_export_selection.py.)"""
+  config = ssd300_vgg16_config()
+  detector = build_model(config)
+  checkpoint.save_variables(str(tmp_path / "ckpt"), 0, detector.init(jax.random.key(0)), config)
+  detector, variables, _ = load_detector(str(tmp_path / "ckpt"))
+  image = _pixels(smooth_images(1, 300, 300, seed=8)).astype(np.float32)
+  reference = jax.device_get(detect.make_detect_fn(detector)(variables, image, np.array([[300, 300]], np.int32)))
+  assert int(reference["valid"][0].sum()) == 200
+  names = detector.class_names
+  lite = str(tmp_path / "ssd300.tflite")
+  export_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--format", "tflite", "--out", lite])
+  got, ops = _run_tflite(lite, image[0])
+  assert "MAX_POOL_2D" in ops and not {op for op in ops if op.startswith(("CUSTOM", "Flex", "FLEX"))}, ops
+  _assert_equals_the_predictor(got, reference, 0, names, size=300)
 
 
 @pytest.mark.tf
