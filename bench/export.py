@@ -1,6 +1,7 @@
 """Exported formats against the Predictor's detect function and torchvision eager: batch-1 latency on this CPU
 (same threads, same run, the same 320x320 input already at the model size), file size and conversion time; with
---checkpoint, the COCO mAP of the Predictor and of both LiteRT files on the config's validation split.
+--checkpoint, the COCO mAP of the Predictor and of every file on the config's validation split (the ONNX venv has
+no TensorFlow to read it: this process writes the images, that venv's worker their detections, scored here).
 
   python -m bench.export [--runs 30] [--checkpoint runs/synthetic/checkpoints] [--config configs/synthetic.py]
                          [--onnx-python .venv-onnx/bin/python]
@@ -40,6 +41,17 @@ def _tflite_detect_fn(path, threads, int8):
       out["labels"].append(np.where(scores > 0, classes.astype(np.int32) + 1, 0))
       out["valid"].append(scores > 0)
     return {k: np.stack(v) for k, v in out.items()}
+  return fn
+
+
+def _replay(dets):
+  """evaluation.evaluate's detect_fn that returns precomputed detections (the Predictor's layout, [N, ...] for the
+  N images of the batches in order), batch after batch."""
+  position = [0]
+
+  def fn(_, images, orig_sizes):
+    start, position[0] = position[0], position[0] + len(images)
+    return {k: v[start:position[0]] for k, v in dets.items()}
   return fn
 
 
@@ -99,22 +111,34 @@ def main():
       call = interpreter.invoke
     row["latency_s"] = common.median(common.time_calls(call, args.runs, 3))
     rows[f"{fmt} ({name})"] = row
-  if args.onnx_python:   # jax2onnx and onnxruntime live in a venv of their own
-    rows["onnx (model.onnx)"] = common.run_worker("bench.export_onnx", ["--source", weights, "--runs", args.runs],
-                                                  python=args.onnx_python)
-
+  evaluation_images = None
   if args.checkpoint:
-    from ssdlite_jax import evaluation
     from ssdlite_jax.cli.export import load_config
     from ssdlite_jax.data import pipeline
     source = pipeline.open_source(load_config(args.config).data)
     batches, _ = pipeline.create_eval_dataset(source, global_batch_size=8, image_size=detector.image_size)
+    batches = [jax.device_get(b) for b in batches]
+    evaluation_images = os.path.join(tmp, "eval_images.npz")
+    np.savez(evaluation_images, images=np.concatenate([b["image"] for b in batches]),
+             orig_sizes=np.concatenate([b["orig_size"] for b in batches]))
+  if args.onnx_python:   # jax2onnx and onnxruntime live in a venv of their own
+    onnx_dets = os.path.join(tmp, "onnx_dets.npz")
+    flags = ["--eval-in", evaluation_images, "--eval-out", onnx_dets] if args.checkpoint else []
+    rows["onnx (model.onnx)"] = common.run_worker("bench.export_onnx", ["--source", weights, "--runs", args.runs,
+                                                                        *flags], python=args.onnx_python)
+
+  if args.checkpoint:
+    from ssdlite_jax import evaluation
     evaluate = lambda fn: evaluation.evaluate(fn, variables, batches, source.info.label_to_category_id,
                                               source.info.gt_json)
     rows["Predictor detect fn (jit)"].update(evaluate(detect.make_detect_fn(detector)))
     for fmt in ("tflite", "tflite-int8"):
       row = next(r for name, r in rows.items() if name.startswith(fmt + " "))
       row.update(evaluate(_tflite_detect_fn(files[fmt], threads, fmt == "tflite-int8")))
+    exported = jax.export.deserialize(bytearray(open(files["stablehlo"], "rb").read()))
+    rows["stablehlo (model.jaxexport)"].update(evaluate(lambda _, images, sizes: exported.call(images, sizes)))
+    if args.onnx_python:
+      rows["onnx (model.onnx)"].update(evaluate(_replay(dict(np.load(onnx_dets)))))
 
   tv = rows["torchvision eager"]["latency_s"]
   print(f"export, SSDlite320 {detector.config.num_classes} classes (background included), batch 1, "
