@@ -49,7 +49,7 @@ def worker_jax(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from ssdlite_jax import postprocess
+  from ssdlite_jax.ssd import postprocess
   from ssdlite_jax.detect import postprocess_kwargs
   from ssdlite_jax.inference import Predictor
   from ssdlite_jax.models import build_model

@@ -13,7 +13,7 @@ import numpy as np
 
 from bench import common
 from ssdlite_jax import optim
-from ssdlite_jax.losses import multibox_loss
+from ssdlite_jax.ssd.losses import multibox_loss
 from ssdlite_jax.kernels.depthwise import depthwise_conv
 from ssdlite_jax.models import build_model, default_model_config, layers
 

@@ -6,7 +6,7 @@ from typing import Callable, Dict
 import jax
 import jax.numpy as jnp
 
-from ssdlite_jax import postprocess
+from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.models import Detector
 
 

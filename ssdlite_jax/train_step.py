@@ -24,7 +24,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssdlite_jax.distributed import AXIS
-from ssdlite_jax.losses import multibox_loss
+from ssdlite_jax.ssd.losses import multibox_loss
 from ssdlite_jax.models import Detector
 
 BATCH_KEYS = ("image", "boxes", "labels", "mask")

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ssdlite_jax import postprocess
+from ssdlite_jax.ssd import postprocess
 
 SIZE = 320   # the model input side the boxes are clipped to
 

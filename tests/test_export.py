@@ -294,7 +294,7 @@ def test_litert_nms_decides_iou_ties_as_torchvision_given_the_graphs_threshold()
   torch = import_or_skip("torch")
   import torchvision
   interpreter_lib = import_or_skip("ai_edge_litert.interpreter")
-  from ssdlite_jax import postprocess
+  from ssdlite_jax.ssd import postprocess
 
   @tf.function(input_signature=[tf.TensorSpec([3, 4], tf.float32), tf.TensorSpec([3], tf.float32),
                                 tf.TensorSpec([], tf.float32)], autograph=False)

@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssdlite_jax import checkpoint, detect, porting, postprocess
+from ssdlite_jax import checkpoint, detect, porting
 from ssdlite_jax.cli import export as export_cli
 from ssdlite_jax.export import onnx as onnx_export, with_overrides
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.models import build_model, default_model_config, ssd300_vgg16_config
 from ssdlite_jax.models.layers import BatchNorm
+from ssdlite_jax.ssd import postprocess
 from tests import selection_cases
 from tests.helpers import import_or_skip, tiny_model_config
 from tests.torch_reference import smooth_images

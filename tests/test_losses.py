@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssdlite_jax import anchors as anchors_lib
-from ssdlite_jax.losses import multibox_loss
-from ssdlite_jax.matcher import match_anchors
+from ssdlite_jax.ssd import anchors as anchors_lib
+from ssdlite_jax.ssd.losses import multibox_loss
+from ssdlite_jax.ssd.matcher import match_anchors
 from tests.helpers import import_or_skip
 
 ANCHORS = anchors_lib.default_boxes([(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)], (320, 320),

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ssdlite_jax import postprocess
+from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.models import (build_model, default_model_config, layers, ssd300_vgg16_config, ssd512_resnet50_config,
                                 ssd512_vgg16_config, vgg)
 from tests.helpers import tiny_model_config

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from ssdlite_jax import porting, postprocess
+from ssdlite_jax import porting
+from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.inference import Predictor
 from ssdlite_jax.models import build_model, default_model_config
 from tests.helpers import import_or_skip

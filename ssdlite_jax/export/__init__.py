@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssdlite_jax import postprocess
+from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.models import Detector, build_model
 
 # Name scopes of the JAX part of the tflite and onnx graphs (the int8 converter keeps every tensor outside

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssdlite_jax import postprocess
+from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.export import network_and_decode
 from ssdlite_jax.models import Detector
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from ssdlite_jax import postprocess
+from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.export import NETWORK_SCOPE, mediapipe_metadata, network_and_decode
 from ssdlite_jax.models import Detector
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssdlite_jax import anchors as anchors_lib
+from ssdlite_jax.ssd import anchors as anchors_lib
 from ssdlite_jax import kernels as kernels_lib
 from ssdlite_jax.data import coco_labels
 from ssdlite_jax.models import layers

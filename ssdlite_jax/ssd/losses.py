@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ssdlite_jax import box_coder
-from ssdlite_jax.matcher import match_anchors
+from ssdlite_jax.ssd.matcher import match_anchors
 from ssdlite_jax.dtypes import wide_dtype
 
 
