@@ -1,12 +1,17 @@
-"""What the programs print: other libraries' INFO lines are filtered out; ours, and every warning, stay."""
+"""What the programs print: other libraries' INFO lines are filtered out; ours, and every warning, stay; a config
+error is one line naming the flag."""
 
 import logging
 import os
+import subprocess
+import sys
 
 import orbax.checkpoint
+import pytest
 
 import ssdlite_jax
 from ssdlite_jax.cli import OurInfoOnly
+from tests.helpers import REPO, subprocess_env
 
 PACKAGE = os.path.dirname(ssdlite_jax.__file__)
 
@@ -32,3 +37,21 @@ def test_tfds_custom_configuration_note_is_dropped():
   assert not keep(note)
   note.msg = "Could not find the dataset: %s"
   assert keep(note)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/synthetic.py", "--config.batchsize=8"],
+     "error: --config.batchsize: the config has no field 'batchsize' (did you mean 'batch_size'?)"),
+    (["--config", "configs/synthetic.py", "--config.model.num_clases=3"],
+     "error: --config.model.num_clases: the config has no field 'num_clases' (did you mean 'num_classes'?)"),
+    (["--config", "configs/missing.py"], "error: --config: [Errno 2] No such file or directory: 'configs/missing.py'"),
+])
+def test_a_config_error_is_one_line_naming_the_flag(args, message, tmp_path):
+  """A misspelt --config.FIELD or a missing config file: one line naming the flag (ml_collections' own hint
+  included), exit code 2, no traceback, nothing written."""
+  result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args, "--workdir", str(tmp_path / "run")],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  lines = [line for line in result.stderr.splitlines() if not line.startswith("WARNING:absl:")]
+  assert lines == [message]
+  assert not os.path.exists(tmp_path / "run")

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import sys
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -26,10 +27,49 @@ class OurInfoOnly(logging.Filter):
     return record.levelno >= logging.WARNING and not str(record.msg).startswith(NOTES)
 
 
+def flag_error(error: Exception, argv) -> str:
+  """A one-line message for an error that parsing `argv` raised from a config file or a --config.FIELD override
+  (ml_collections raises it from deep inside its flag code), naming the flag."""
+  text = str(error).replace("\\n", "\n")
+  typo = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  if typo:
+    flag = next((a.split("=")[0] for a in argv if re.match(rf"--\w+\.(\w+\.)*{re.escape(typo[2])}(=|$)", a)),
+                f"--config.{typo[2]}")
+    return f"{flag}: the config has no field {typo[2]!r} (did you mean {typo[1]!r}?)"
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+_CONFIG_ERRORS = (AttributeError, KeyError, OSError, TypeError, ValueError)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with the errors of config files and their overrides as one line (exit code 2) instead of
+  a traceback; absl's own flag errors keep its message."""
+  from absl import flags
+
+  def fail(message):
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+  try:
+    remaining = flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+  except _CONFIG_ERRORS as e:
+    fail(flag_error(e, argv))
+  for name in flags.FLAGS:
+    try:   # a config file that failed to load raises on first use: here, not inside main
+      getattr(flags.FLAGS[name].value, "to_dict", None)
+    except _CONFIG_ERRORS as e:
+      fail(f"--{name}: {flag_error(e, argv)}")
+  return remaining
+
+
 def run_absl_program(main, module_name: str) -> None:
   """absl's app.run(main), with the flags that `module_name` defines shown by --help whichever script (train.py,
-  the `ssdlite-train` console script, python -m ...) started the program, and, unless --verbosity >= 1, only our
-  own INFO lines on the console (OurInfoOnly)."""
+  the `ssdlite-train` console script, python -m ...) started the program, config errors as one line
+  (_parse_flags), and, unless --verbosity >= 1, only our own INFO lines on the console (OurInfoOnly)."""
   from absl import app, flags
   from absl import logging as absl_logging
   for flag in flags.FLAGS.get_key_flags_for_module(module_name):
@@ -39,4 +79,4 @@ def run_absl_program(main, module_name: str) -> None:
     if flags.FLAGS.verbosity < 1:
       absl_logging.get_absl_handler().addFilter(OurInfoOnly())
     return main(argv)
-  app.run(quiet_main)
+  app.run(quiet_main, flags_parser=_parse_flags)
