@@ -154,7 +154,11 @@ def load_state_dict(path: str) -> StateDict:
     raise FileNotFoundError(f"{path}: no such file")
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
-    return dict(load_file(path))
+    try:
+      return dict(load_file(path))
+    except Exception as e:   # safetensors' SafetensorError: a truncated or foreign file
+      raise ValueError(f"{path}: not a readable .safetensors file ({e}); a download cut short gives this: "
+                       "fetch it again") from None
   try:
     import torch
   except ModuleNotFoundError:   # e.g. the ONNX venv (requirements-onnx.txt), which has no torch
@@ -162,8 +166,14 @@ def load_state_dict(path: str) -> StateDict:
         f"{path}: reading a .pth needs torch (pip install '.[torch]'). Or, where torch is installed, turn it "
         f"once into a checkpoint (python port_weights.py to-flax --torch {path} --out DIR) or a .safetensors "
         f"file, which load without torch") from None
+  _check_pth_header(path)
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
+  except PermissionError:
+    raise
+  except (RuntimeError, EOFError, KeyError, OSError) as e:   # torch's readers on a truncated or corrupt file
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{path}: unreadable, truncated or corrupt ({detail}); fetch it again") from None
   except pickle.UnpicklingError as e:
     raise ValueError(
         f"{path}: refused: this pickle holds more than tensors (code or arbitrary objects), and it is "
@@ -177,6 +187,19 @@ def load_state_dict(path: str) -> StateDict:
   if bad:
     raise ValueError(f"{path}: entries that are not tensors: {bad[:10]}")
   return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+
+
+def _check_pth_header(path: str) -> None:
+  """Raises a ValueError naming `path` unless it starts as torch.save writes: a zip archive, or a pickle (the
+  legacy format). An HTML error page saved as .pth would otherwise reach torch's unpickler and be reported as a
+  refused pickle."""
+  with open(path, "rb") as f:
+    head = f.read(64)
+  if not head:
+    raise ValueError(f"{path}: empty file; a download cut short gives this: fetch it again")
+  if not head.startswith((b"PK\x03\x04", b"\x80")):
+    kind = "an HTML page, e.g. a server's error page" if head.lstrip()[:1] == b"<" else "not a file torch.save wrote"
+    raise ValueError(f"{path}: not a PyTorch checkpoint: it starts with {head[:24]!r} ({kind}); fetch it again")
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:

@@ -197,3 +197,36 @@ def test_predict_cli(ckpt_dir, torch_model, tmp_path):
     ref = torch_model([torch.from_numpy(img).permute(2, 0, 1).float() / 255])[0]
   np.testing.assert_allclose(records[0]["scores"][:50], ref["scores"][:50].numpy(), atol=1e-5)
   assert Image.open(tmp_path / "drawn" / "a.jpg").size == (300, 240)
+
+
+@pytest.mark.torch
+def test_truncated_html_and_empty_weight_files_are_one_line_errors(tmp_path):
+  """A download cut short (zip archive or legacy pickle), an HTML error page saved as .pth, an empty file and a
+  truncated .safetensors: a ValueError naming the file and what it is, never torch's internal error (an HTML page
+  used to be reported as a refused code-carrying pickle); the CLIs print it as one line."""
+  torch = import_or_skip("torch")
+  from ssdlite_jax.cli import port_weights
+  state = {"backbone.w": torch.zeros(300, 100)}
+  torch.save(state, tmp_path / "ok.pth")
+  torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+  porting.save_state_dict({"backbone.w": np.zeros((300, 100), np.float32)}, str(tmp_path / "ok.safetensors"))
+  for name in ("ok.pth", "legacy.pth", "ok.safetensors"):
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / f"cut_{name}").write_bytes(data[:len(data) // 2])
+  (tmp_path / "page.pth").write_text("<!DOCTYPE html><html><body>404 Not Found</body></html>")
+  (tmp_path / "empty.pth").write_bytes(b"")
+  expected = {
+      "cut_ok.pth": r"cut_ok\.pth: unreadable, truncated or corrupt \(",
+      "cut_legacy.pth": r"cut_legacy\.pth: unreadable, truncated or corrupt \(unexpected EOF",
+      "cut_ok.safetensors": r"cut_ok\.safetensors: not a readable \.safetensors file",
+      "page.pth": r"page\.pth: not a PyTorch checkpoint: it starts with b'<!DOCTYPE html>.*\(an HTML page",
+      "empty.pth": r"empty\.pth: empty file",
+  }
+  for name, pattern in expected.items():
+    with pytest.raises(ValueError, match=pattern):
+      porting.load_state_dict(str(tmp_path / name))
+  assert set(porting.load_state_dict(str(tmp_path / "legacy.pth"))) == {"backbone.w"}
+  out = tmp_path / "ckpt"
+  with pytest.raises(SystemExit, match=r"page\.pth: not a PyTorch checkpoint") as e:
+    port_weights.main(["to-flax", "--torch", str(tmp_path / "page.pth"), "--out", str(out)])
+  assert "\n" not in str(e.value.code) and not out.exists()
