@@ -80,8 +80,7 @@ def _append_postprocess(model, detector: Detector):
   cfg = detector.config
   height, width = detector.image_size
   num_fg = cfg.num_classes - 1
-  k = min(cfg.topk_candidates, len(detector.anchors))
-  d = min(cfg.detections_per_img, num_fg * k)
+  k, d = postprocess.selection_sizes(cfg, len(detector.anchors))
   graph = model.graph
   consts = {
       "score_thresh": np.float32(cfg.score_thresh), "minus_one": np.float32(-1.0), "zero_f": np.float32(0.0),

@@ -47,8 +47,7 @@ def select(boxes, logits, config, inclusive_nms: bool = True):
   import tensorflow as tf
 
   num_fg = config.num_classes - 1
-  k = min(config.topk_candidates, boxes.shape[0])
-  d = min(config.detections_per_img, num_fg * k)
+  k, d = postprocess.selection_sizes(config, boxes.shape[0])
   # softmax(logits)[:, 1:], written without a SOFTMAX op: TFLite's quantiser puts int8 on whatever consumes a
   # SOFTMAX, denylisted or not, which would round every score to a multiple of 1/256.
   scores = tf.exp(logits[:, 1:] - tf.reduce_logsumexp(logits, axis=1, keepdims=True))
@@ -100,7 +99,7 @@ def detect_function(detector: Detector, variables: Dict[str, Any], int8: bool = 
     return (yxyx[None], tf.cast(classes, tf.float32)[None], scores[None],
             tf.reduce_sum(tf.cast(valid, tf.float32))[None])
 
-  d = int(detect.get_concrete_function().structured_outputs[2].shape[1])
+  _, d = postprocess.selection_sizes(detector.config, len(detector.anchors))
   extras = {
       "inputs": {"images": [1, *size, 3, ("uint8 RGB pixels" if int8 else "float32 RGB in [0, 1]")
                             + ", resized to the model size"]},

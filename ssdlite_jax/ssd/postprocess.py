@@ -57,6 +57,14 @@ def decode_boxes(bbox_regression, anchors, image_size, weights=box_coder.DEFAULT
   return box_ops.clip_boxes(box_coder.decode(bbox_regression, anchors, weights), *image_size)
 
 
+def selection_sizes(config, num_anchors: int):
+  """(k, D) of `config`'s selection over `num_anchors` anchors, as select() takes them: k = min(topk_candidates, A)
+  candidates per foreground class, D = min(detections_per_img, (num_classes - 1) * k) detections. The export
+  graphs' static sizes."""
+  k = min(config.topk_candidates, num_anchors)
+  return k, min(config.detections_per_img, (config.num_classes - 1) * k)
+
+
 def select(boxes, cls_logits, score_thresh, nms_thresh, topk_candidates, detections_per_img):
   """One image's selection: boxes [A, 4] xyxy model px (decoded, clipped), cls_logits [A, K] -> dict of boxes
   [D, 4] model px, scores [D], labels [D] int32, valid [D] bool (invalid slots zero), sorted by score. Per foreground
