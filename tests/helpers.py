@@ -1,10 +1,11 @@
 """Test helpers: optional imports that may skip only outside CI, the environment and the train.py command for
-subprocesses."""
+subprocesses, detections compared one to one."""
 
 import importlib
 import os
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,3 +83,17 @@ def train_command(train_cli, workdir, *, batch, steps, lr, extras=False, overrid
           f"--config.max_steps={steps}", "--config.eval_every_epochs=0", "--config.log_every_steps=1",
           "--config.optim.warmup_iters=0", "--config.optim.optimizer=sgd",
           f"--config.optim.learning_rate={lr}", f"--config.optim.base_batch_size={batch}", *overrides]
+
+
+def assert_same_detections(got, want, score_atol, box_atol):
+  """got and want: (boxes [n, 4] xyxy px, names or labels [n], scores [n]); the same detections, one to one, in
+  any order among scores equal within score_atol (runtimes order those differently): each got row takes the
+  closest unmatched want row of its name within the tolerances."""
+  assert len(got[1]) == len(want[1]) > 0, (len(got[1]), len(want[1]))
+  unmatched = list(range(len(want[1])))
+  for box, name, score in zip(*got):
+    gaps = [(abs(want[2][j] - score) / score_atol, np.abs(want[0][j] - box).max() / box_atol, j) for j in unmatched
+            if want[1][j] == name]
+    fits = [(s + b, j) for s, b, j in gaps if s <= 1 and b <= 1]
+    assert fits, (box, name, score)
+    unmatched.remove(min(fits)[1])

@@ -21,7 +21,7 @@ from ssdlite_jax import checkpoint, detect, porting
 from ssdlite_jax.cli import export as export_cli
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.models import build_model, ssd300_vgg16_config
-from tests.helpers import import_or_skip, tiny_model_config
+from tests.helpers import assert_same_detections, import_or_skip, tiny_model_config
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
 SIZES = np.array([[320, 320], [240, 300], [480, 640]], np.int32)   # (h, w) before the resize
@@ -201,20 +201,6 @@ def _mediapipe_detect(path, images, score_threshold):
   return out
 
 
-def _assert_same_detections(got, want, score_atol, box_atol):
-  """got and want: (boxes [n, 4] xyxy px, names [n], scores [n]); the same detections, one to one, in any order
-  among equal scores (MediaPipe's and LiteRT's orders differ there): each got row takes the closest unmatched want
-  row of its name within the tolerances."""
-  assert len(got[1]) == len(want[1]) > 0, (len(got[1]), len(want[1]))
-  unmatched = list(range(len(want[1])))
-  for box, name, score in zip(*got):
-    gaps = [(abs(want[2][j] - score) / score_atol, np.abs(want[0][j] - box).max() / box_atol, j) for j in unmatched
-            if want[1][j] == name]
-    fits = [(s + b, j) for s, b, j in gaps if s <= 1 and b <= 1]
-    assert fits, (box, name, score)
-    unmatched.remove(min(fits)[1])
-
-
 def _iou(a, b):
   """IoU [len(a), len(b)] of xyxy boxes."""
   lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
@@ -241,7 +227,7 @@ def test_mediapipe_object_detector_runs_the_tflite_file(weights, tflite_file):
     if k == 0:   # 320 x 320: no resize
       assert len(names) > 10
       # boxes: MediaPipe rounds origin and size to whole pixels
-      _assert_same_detections((boxes, names, scores), (ref["boxes"][keep], ref_names, ref["scores"][keep]),
+      assert_same_detections((boxes, names, scores), (ref["boxes"][keep], ref_names, ref["scores"][keep]),
                               score_atol=1e-5, box_atol=2.0)
     else:
       assert abs(len(names) - int(keep.sum())) <= 0.3 * keep.sum()
@@ -390,7 +376,7 @@ def test_tflite_int8_network_with_float_scores(train_cli, tmp_path, capsys):
   (boxes, names, scores), = _mediapipe_detect(files["tflite-int8"], pixels[:1], 0.3)
   (lite_boxes, lite_classes, lite_scores, _), _ = _run_tflite(files["tflite-int8"], pixels[0])
   keep = lite_scores[0] >= 0.3
-  _assert_same_detections(
+  assert_same_detections(
       (boxes, names, scores),
       (lite_boxes[0][keep][:, [1, 0, 3, 2]] * 128, [str(int(c) + 1) for c in lite_classes[0][keep]],  # labels.txt
        lite_scores[0][keep]), score_atol=1e-6, box_atol=2.0)
@@ -432,7 +418,7 @@ def adversarial(request, tmp_path_factory):
 
 
 def _rows(boxes_xyxy, labels, scores, class_names):
-  """(boxes [n, 4] xyxy px, names [n], scores [n]) as _assert_same_detections reads them."""
+  """(boxes [n, 4] xyxy px, names [n], scores [n]) as assert_same_detections reads them."""
   return np.asarray(boxes_xyxy, np.float64), [class_names[int(label)] for label in labels], np.asarray(scores)
 
 
@@ -445,7 +431,7 @@ def _assert_equals_the_predictor(got, reference, i, class_names, size=320):
   assert int(num) == n > 0
   assert not scores[n:].any() and not boxes[n:].any() and not classes[n:].any()
   assert (np.diff(scores[:n]) <= 1e-6).all()
-  _assert_same_detections(
+  assert_same_detections(
       _rows(boxes[:n][:, [1, 0, 3, 2]] * size, classes[:n] + 1, scores[:n], class_names),
       _rows(reference["boxes"][i][:n], reference["labels"][i][:n], reference["scores"][i][:n], class_names),
       score_atol=1e-5, box_atol=1e-3 * size)
@@ -479,7 +465,7 @@ def test_mediapipe_reads_one_detection_per_row_for_every_num(adversarial):
     n = int(num[0])
     nums.append(n)
     want = _rows(boxes[0][:n][:, [1, 0, 3, 2]] * 320, classes[0][:n] + 1, scores[0][:n], class_names)
-    _assert_same_detections(got, want, score_atol=1e-6, box_atol=2.0)   # whole pixels: origin and size
+    assert_same_detections(got, want, score_atol=1e-6, box_atol=2.0)   # whole pixels: origin and size
   assert (min(nums) < 300) == (len(class_names) == 2), nums
 
 

@@ -25,7 +25,7 @@ from ssdlite_jax.models import build_model, default_model_config, ssd300_vgg16_c
 from ssdlite_jax.models.layers import BatchNorm
 from ssdlite_jax.ssd import postprocess
 from tests import selection_cases
-from tests.helpers import import_or_skip, tiny_model_config
+from tests.helpers import assert_same_detections, import_or_skip, tiny_model_config
 from tests.torch_reference import smooth_images
 
 ort = import_or_skip("onnxruntime")   # under CI=true a missing package fails instead of skipping
@@ -222,14 +222,9 @@ def _assert_one_to_one(got, reference, i, size):
   assert not scores[n:].any() and not labels[n:].any() and not boxes[n:].any()
   assert (np.diff(scores[:n]) <= 1e-6).all()
   np.testing.assert_allclose(scores[:n], reference["scores"][i][:n], atol=1e-5)
-  ref_boxes = reference["boxes"][i][:n]
-  unmatched = list(range(n))
-  for box, label, score in zip(boxes[:n] * [w, h, w, h], labels[:n], scores[:n]):
-    fits = [(abs(reference["scores"][i][j] - score) + np.abs(ref_boxes[j] - box).max() / max(h, w), j)
-            for j in unmatched if reference["labels"][i][j] == label and abs(reference["scores"][i][j] - score)
-            <= 1e-5 and np.abs(ref_boxes[j] - box).max() <= 1e-3 * max(h, w)]
-    assert fits, (box, label, score)
-    unmatched.remove(min(fits)[1])
+  assert_same_detections((boxes[:n] * [w, h, w, h], list(labels[:n]), scores[:n]),
+                         (reference["boxes"][i][:n], list(reference["labels"][i][:n]), reference["scores"][i][:n]),
+                         score_atol=1e-5, box_atol=1e-3 * max(h, w))
 
 
 @pytest.mark.parametrize("num_classes", [2, 91])
