@@ -85,7 +85,7 @@ def torchvision_detector(name: str, num_classes: int):
 
 def our_model_config(name: str, num_classes: int):
   """The registered model config of variant `name` with `num_classes`."""
-  from ssdlite_jax.models import TORCHVISION_VARIANTS
+  from ssdlite_jax.zoo import TORCHVISION_VARIANTS
   cfg = TORCHVISION_VARIANTS[name]()
   cfg.num_classes = num_classes
   return cfg

@@ -50,10 +50,11 @@ def loss_curves(num_steps: int, batch: int, num_batches: int = 4):
   initial weights in each dtype."""
   import jax
   from ssdlite_jax.distributed import make_mesh, shard_batch
-  from ssdlite_jax.models import build_model, default_model_config
+  from ssdlite_jax.zoo import build_model
+  from ssdlite_jax.ssd.configs import ssdlite320_config
   from ssdlite_jax.train_step import create_train_state, make_train_step
   mesh = make_mesh(jax.devices()[:1])
-  config = default_model_config()
+  config = ssdlite320_config()
   variables = jax.device_get(build_model(config).init(jax.random.key(0)))
   data = []
   for seed in range(num_batches):

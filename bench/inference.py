@@ -50,9 +50,8 @@ def worker_jax(args):
   import jax.numpy as jnp
   import numpy as np
   from ssdlite_jax.ssd import postprocess
-  from ssdlite_jax.detect import postprocess_kwargs
   from ssdlite_jax.inference import Predictor
-  from ssdlite_jax.models import build_model
+  from ssdlite_jax.zoo import build_model
   detector = build_model(common.our_model_config(args.model, args.num_classes))
   variables = detector.init(jax.random.key(0))
   images = common.synthetic_uint8_images(max(args.throughput_batch, 1), 480, 640, seed=args.seed)
@@ -68,12 +67,10 @@ def worker_jax(args):
   thr = common.time_calls(lambda: predn(list(images[:args.throughput_batch])), args.throughput_runs, 1)
   nd = len(pred1(list(images[:1]))[0]["scores"])
   # Post-processing alone on the head outputs of the first image.
-  from ssdlite_jax import preprocess
-  taps_y, taps_x = preprocess.batch_taps([(480, 640)], detector.image_size)
-  x = preprocess.resize_batch(jnp.asarray(images[:1]), taps_y, taps_x)
+  x = detector.transform(jnp.asarray(images[:1]), detector.prepare([(480, 640)]))
   out = jax.jit(lambda v, x: detector.module.apply(v, x, train=False))(variables, x)
   post = jax.jit(lambda cl, br, sz: postprocess.postprocess(cl, br, jnp.asarray(detector.anchors), sz,
-                                                           detector.image_size, **postprocess_kwargs(detector)))
+                                                           detector.image_size, **detector.postprocess_kwargs()))
   sizes = np.array([[480, 640]], np.int32)
   jax.block_until_ready(post(out["cls_logits"], out["bbox_regression"], sizes))
   post_t = common.time_calls(lambda: jax.block_until_ready(post(out["cls_logits"], out["bbox_regression"], sizes)),

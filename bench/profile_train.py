@@ -15,7 +15,9 @@ from bench import common
 from ssdlite_jax import optim
 from ssdlite_jax.ssd.losses import multibox_loss
 from ssdlite_jax.kernels.depthwise import depthwise_conv
-from ssdlite_jax.models import build_model, default_model_config, layers
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssdlite320_config
+from ssdlite_jax.models import layers
 
 
 def bench(name, fn, *args, n=5):
@@ -37,7 +39,7 @@ def main():
   p.add_argument("--n", type=int, default=5)
   args = p.parse_args()
   parts = args.parts.split(",")
-  cfg = default_model_config()
+  cfg = ssdlite320_config()
   cfg.num_classes = args.num_classes
   cfg.kernels = args.kernels
   det = build_model(cfg)

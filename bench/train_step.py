@@ -55,7 +55,7 @@ def worker_torch(args):
 
 def worker_jax(args):
   import jax
-  from ssdlite_jax.models import build_model
+  from ssdlite_jax.zoo import build_model
   from ssdlite_jax.distributed import make_mesh, shard_batch
   from ssdlite_jax.train_step import create_train_state, make_train_step
   cfg = common.our_model_config(args.model, args.num_classes)

@@ -13,7 +13,7 @@ linear warmup from 0.001, MultiStepLR x0.1 at epochs 80 and 110; 'ssd' augmentat
 """
 
 from configs import ssdlite320
-from ssdlite_jax.models import ssd300_vgg16_config
+from ssdlite_jax.ssd.configs import ssd300_vgg16_config
 
 
 def get_config():

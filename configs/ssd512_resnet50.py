@@ -4,7 +4,7 @@ ImageNet ResNet50: --config.init_backbone_from=resnet50-0676ba61.pth (download i
 statistics included. Which trunk layers the PR froze is not known; nothing is frozen here."""
 
 from configs import ssd300_vgg16
-from ssdlite_jax.models import ssd512_resnet50_config
+from ssdlite_jax.ssd.configs import ssd512_resnet50_config
 
 
 def get_config():

@@ -2,7 +2,7 @@
 512 px model (models.ssd512_vgg16_config: 7 feature maps, 24,660 anchors, 37,075,166 parameters)."""
 
 from configs import ssd300_vgg16
-from ssdlite_jax.models import ssd512_vgg16_config
+from ssdlite_jax.ssd.configs import ssd512_vgg16_config
 
 
 def get_config():

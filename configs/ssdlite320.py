@@ -7,7 +7,7 @@
 import ml_collections
 
 from ssdlite_jax.data.config import default_data_config
-from ssdlite_jax.models import default_model_config
+from ssdlite_jax.ssd.configs import ssdlite320_config
 from ssdlite_jax.optim import default_optim_config
 
 
@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.plots = True               # WORKDIR/plots/*; False: the numbers only (results.csv, eval/step_N/*.json)
   config.count_flops = True         # the start-up line's GFLOP per image (XLA's count: one more forward lowering)
 
-  config.model = default_model_config()
+  config.model = ssdlite320_config()
   config.data = default_data_config()
   config.data.name = "coco/2017"
   config.data.augmentation = "ssdlite"

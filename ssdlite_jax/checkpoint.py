@@ -16,7 +16,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ssdlite_jax.models import default_model_config, with_batch_stats
+from ssdlite_jax.detector import with_batch_stats
+from ssdlite_jax.zoo import default_config, family_of
 
 # A replicated array is written whole by its first replica unless each of its replicas' slices would hold at least
 # this many bytes. orbax's default splits every replicated array among all replicas, one dispatched slice op per
@@ -94,7 +95,7 @@ def load_variables(ckpt_dir: str, step: Optional[int] = None
     restored = mngr.restore(step, args=ocp.args.Composite(
         variables=ocp.args.StandardRestore(target), model=ocp.args.JsonRestore()))
   saved = restored["model"]
-  cfg = default_model_config()   # fields newer than the checkpoint keep their defaults
+  cfg = default_config(family_of(saved))   # fields newer than the checkpoint keep their family's defaults
   cfg.update(saved)
   if "backbone_kwargs" in saved:  # the saved backbone's own options, not merged with the default backbone's
     cfg.backbone_kwargs = ml_collections.ConfigDict(saved["backbone_kwargs"])

@@ -12,9 +12,9 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from ssdlite_jax import detect, preprocess
+from ssdlite_jax import detect
+from ssdlite_jax.detector import Detector
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import Detector
 
 
 def to_rgb_uint8(image, name: str = "image") -> np.ndarray:
@@ -80,8 +80,7 @@ class Predictor:
     canvas = np.zeros((len(images), canvas_h, canvas_w, 3), np.uint8)
     for i, im in enumerate(images):
       canvas[i, :im.shape[0], :im.shape[1]] = im
-    taps_y, taps_x = preprocess.batch_taps(sizes, self.detector.image_size)
-    out = jax.device_get(self._detect(self.variables, canvas, taps_y, taps_x,
+    out = jax.device_get(self._detect(self.variables, canvas, self.detector.prepare(sizes),
                                       np.asarray(sizes, np.int32)))
     results = []
     for i in range(len(images)):
@@ -92,7 +91,7 @@ class Predictor:
 
 
 @functools.partial(jax.jit, static_argnames="detector")
-def _jit_detect(variables, canvas, taps_y, taps_x, orig_sizes, *, detector):
-  """uint8 canvas [B, Hc, Wc, 3] -> padded detections (see detect.detect); one jit keyed on the detector's
-  value, so Predictors of equal detectors share the compiled programs."""
-  return detect.detect(variables, preprocess.resize_batch(canvas, taps_y, taps_x), orig_sizes, detector=detector)
+def _jit_detect(variables, canvas, plan, orig_sizes, *, detector):
+  """uint8 canvas [B, Hc, Wc, 3] and the detector's input plan -> padded detections (see detect.detect); one jit
+  keyed on the detector's value, so Predictors of equal detectors share the compiled programs."""
+  return detect.detect(variables, detector.transform(canvas, plan), orig_sizes, detector=detector)

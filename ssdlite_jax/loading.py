@@ -4,8 +4,8 @@
     detector, variables, step = load_detector("finetuned_13class.pth")          # step None; 13 classes
 
 A checkpoint carries its own model config. For a torchvision state_dict the model variant is the registered
-one (models.TORCHVISION_VARIANTS) whose state_dict keys it has, and the class count is read from the
-classification head's shapes; `model_config` fixes the variant (and post-processing settings) instead.
+one (zoo.TORCHVISION_VARIANTS) whose state_dict keys it has, and the class count is read from its shapes
+(Detector.num_classes_of); `model_config` fixes the variant (and post-processing settings) instead.
 """
 
 import os
@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 
 from ssdlite_jax import checkpoint, porting
-from ssdlite_jax.models import TORCHVISION_VARIANTS, Detector, build_model
+from ssdlite_jax.detector import Detector
+from ssdlite_jax.zoo import TORCHVISION_VARIANTS, build_model
 
 
 def load_detector(source: str, model_config: Optional[ml_collections.ConfigDict] = None,
@@ -42,7 +43,7 @@ def load_detector(source: str, model_config: Optional[ml_collections.ConfigDict]
 def model_config_for(state_dict: Mapping[str, np.ndarray],
                      model_config: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
   """The model config of a torchvision state_dict: `model_config` (default: the registered variant whose keys
-  the state_dict has) with num_classes read from the classification head."""
+  the state_dict has) with num_classes read from its shapes."""
   candidates = ({"the given model config": model_config} if model_config is not None
                 else {name: make() for name, make in TORCHVISION_VARIANTS.items()})
   misfits = []
@@ -53,23 +54,9 @@ def model_config_for(state_dict: Mapping[str, np.ndarray],
     missing = [k for k in expected if k not in state_dict]
     unexpected = sorted(set(state_dict) - set(expected))
     if not missing and not unexpected:
-      cfg.num_classes = num_classes_of(state_dict, detector)
+      cfg.num_classes = detector.num_classes_of(state_dict)
       return cfg
     misfits.append(f"{name}: {len(missing)} keys missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                    f"(e.g. {unexpected[:3]})")
-  raise ValueError("the state_dict fits no known SSD variant:\n  " + "\n  ".join(misfits))
+  raise ValueError("the state_dict fits no known model variant:\n  " + "\n  ".join(misfits))
 
-
-def num_classes_of(state_dict: Mapping[str, np.ndarray], detector: Detector) -> int:
-  """K from the classification head's per-level output biases [A_l * K] (A_l anchors per location)."""
-  biases = [key for _, path, key, _ in porting.key_map(detector)
-            if path[0] == "classification_head" and path[-1] == "bias" and "bn" not in path]
-  counts = {}
-  for key, anchors in zip(biases, detector.module.num_anchors):
-    size = int(np.shape(state_dict[key])[0])
-    if size % anchors:
-      raise ValueError(f"{key} has {size} outputs, not a multiple of the level's {anchors} anchors")
-    counts[key] = size // anchors
-  if len(set(counts.values())) != 1:
-    raise ValueError(f"the classification head's levels disagree on the class count: {counts}")
-  return next(iter(counts.values()))

@@ -15,7 +15,7 @@ import flax
 import jax
 import numpy as np
 
-from ssdlite_jax.models import Detector, with_batch_stats
+from ssdlite_jax.detector import Detector, with_batch_stats
 
 StateDict = Dict[str, np.ndarray]
 
@@ -109,10 +109,10 @@ def import_backbone(state_dict: Mapping[str, np.ndarray], detector: Detector, va
   layout (VGG16: vgg16_features-amdegroot-88682ab5.pth, whose `features.*` are used; keys the backbone does not
   map, e.g. that file's NaN classifier, are ignored). Returns (variables, tensors imported); a missing or
   mis-shaped key raises a ValueError naming it."""
-  backbone = detector.module.backbone
-  if not hasattr(backbone, "imagenet_modules"):
-    raise ValueError(f"model.backbone={detector.config.backbone!r} has no ImageNet weight import")
-  entries = _expand({("backbone",) + path: v for path, v in backbone.imagenet_modules().items()})
+  modules = detector.imagenet_modules()
+  if not modules:
+    raise ValueError(f"model.backbone={detector.config.get('backbone')!r} has no ImageNet weight import")
+  entries = _expand(modules)
   flat, problems = _read(state_dict, entries, _shapes(variables))
   if problems:
     raise ValueError("not the backbone's ImageNet weights:\n  " + "\n  ".join(problems))

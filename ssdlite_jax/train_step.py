@@ -1,9 +1,9 @@
 """Data-parallel training step with torchvision's DDP semantics (references/detection, 8 x 24 images).
 
-One `jax.jit(jax.shard_map(...))` over a 1-D `data` mesh: each device runs the forward pass on its
-slice of the batch, with BatchNorm statistics over its own images (or over the whole batch with
-sync BN) and the multibox loss normalised by its own number of positives; gradients, losses and
-the BN running statistics are then averaged across devices with `lax.pmean`, as DDP averages
+One `jax.jit(jax.shard_map(...))` over a 1-D `data` mesh: each device computes the detector's loss
+(Detector.loss) on its slice of the batch, with BatchNorm statistics over its own images (or over the whole
+batch with sync BN) and the loss normalised as the family does per GPU (SSD: by its own number of positives);
+gradients, loss terms and the BN running statistics are then averaged across devices with `lax.pmean`, as DDP averages
 gradients (for the float BN statistics, which DDP leaves per rank, the average is the natural single
 copy; `num_batches_tracked` is equal everywhere and stays int32). The state is replicated
 (`NamedSharding(mesh, P())`), the batch split along its leading axis (`P('data')`).
@@ -24,8 +24,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssdlite_jax.distributed import AXIS
-from ssdlite_jax.ssd.losses import multibox_loss
-from ssdlite_jax.models import Detector
+from ssdlite_jax.detector import Detector
 
 BATCH_KEYS = ("image", "boxes", "labels", "mask")
 
@@ -33,8 +32,8 @@ BATCH_KEYS = ("image", "boxes", "labels", "mask")
 @flax.struct.dataclass
 class TrainState:
   """Replicated training state: step (int32 scalar, updates applied), params and batch_stats (the
-  model variables), opt_state (optax state of `params`), rng (PRNG key for the training loop's own
-  randomness; the step does not consume it, the model has no dropout)."""
+  model variables), opt_state (optax state of `params`), rng (PRNG key; the step passes the loss
+  fold_in(rng, step) folded with the device index, for the family's sampling, and never advances it)."""
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -43,7 +42,7 @@ class TrainState:
 
   @property
   def variables(self) -> Dict[str, Any]:
-    """{"params", "batch_stats"} as Detector.module.apply takes them."""
+    """{"params", "batch_stats"} as the detector's module takes them."""
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
@@ -88,35 +87,31 @@ def make_train_step(detector: Detector, tx: optax.GradientTransformation,
   "labels" [B, M] int32, "mask" [B, M] bool (other keys are ignored); B a multiple of the mesh size.
   The detector's module runs as built: built with bn_axis_name=distributed.AXIS, its BN statistics are
   over the whole batch (sync BN), else over each device's images.
-  metrics (replicated scalars, left on device): loss, bbox_regression, classification (means of the
-  per-device normalised losses), num_positives (sum over devices), lr (of this update), grad_norm
-  (global norm of the averaged gradient), finite (bool; False = update skipped, see module doc).
+  metrics (replicated scalars, left on device): loss (mean over devices), each of the detector's loss terms
+  (means of the per-device losses), its counts (sums over devices; SSD: num_positives), lr (of this update),
+  grad_norm (global norm of the averaged gradient), finite (bool; False = update skipped, see module doc).
   """
   if detector.bn_axis_name not in (None, AXIS):
     raise ValueError(f"the detector's bn_axis_name={detector.bn_axis_name!r}: the step maps axis {AXIS!r}")
   sync_bn = detector.bn_axis_name == AXIS
-  module, anchors = detector.module, detector.anchors
 
   def per_device(state, batch):
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
+
     def loss_fn(params):
-      out, updates = module.apply({"params": params, "batch_stats": state.batch_stats},
-                                  batch["image"], train=True, mutable=["batch_stats"])
-      losses = multibox_loss(out["cls_logits"], out["bbox_regression"], anchors,
-                             batch["boxes"], batch["labels"], batch["mask"])
-      return losses["bbox_regression"] + losses["classification"], (losses, updates.get("batch_stats", {}))
+      loss = detector.loss({"params": params, "batch_stats": state.batch_stats}, batch, rng)
+      return loss.total, loss
 
     # Differentiate per-device copies of the params; the explicit pmean below is DDP's all-reduce.
     params = lax.pcast(state.params, AXIS, to="varying")
-    (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (total, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = lax.pmean(grads, AXIS)
-    if not sync_bn:
-      batch_stats = _mean_float_stats(batch_stats)
+    batch_stats = loss.batch_stats if sync_bn else _mean_float_stats(loss.batch_stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {
-        "loss": lax.pmean(loss, AXIS),
-        "bbox_regression": lax.pmean(losses["bbox_regression"], AXIS),
-        "classification": lax.pmean(losses["classification"], AXIS),
-        "num_positives": lax.psum(losses["num_positives"], AXIS),
+        "loss": lax.pmean(total, AXIS),
+        **{k: lax.pmean(v, AXIS) for k, v in loss.terms.items()},
+        **{k: lax.psum(v, AXIS) for k, v in loss.counts.items()},
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
         "grad_norm": optax.tree.norm(grads),
     }

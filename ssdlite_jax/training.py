@@ -31,7 +31,8 @@ from ssdlite_jax import checkpoint, distributed, evaluation, plots, porting, res
 from ssdlite_jax.data import coco_folder, pipeline, sources
 from ssdlite_jax.detect import make_detect_fn
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import Detector, build_model
+from ssdlite_jax.detector import Detector
+from ssdlite_jax.zoo import build_model
 from ssdlite_jax.optim import base_learning_rate, make_optimizer, warmup_steps
 
 import tensorflow as tf  # TensorBoard writers (after pipeline: see above)
@@ -253,11 +254,11 @@ def run_summary(config, workdir, source, ground_truth, detector, state, mesh, st
                   for name in (source.info.train_split, source.info.eval_split)),
       *(coco_folder.split_summary(f"  {split}", gt["images"], gt["annotations"], gt["categories"])
         for split, gt in ground_truth.items()),
-      f"model: {config.model.backbone} + {config.model.head} head, {config.model.image_size} px, "
+      f"model: {detector.describe()}, "
       f"{sum(x.size for x in jax.tree.leaves(variables['params'])):,} parameters, "
       + (f"{forward_gflops(detector, variables):.2f} GFLOP per image (forward, XLA's count), "
          if config.count_flops else "")
-      + f"{len(detector.anchors):,} anchors, dtype {config.model.dtype}",
+      + f"dtype {config.model.dtype}",
       f"schedule: global batch {config.batch_size}, {steps_per_epoch} steps per epoch, {total_steps} steps; "
       f"{optim.optimizer} lr {base_learning_rate(optim):g} "
       f"({optim.learning_rate:g} x {optim.batch_size}/{optim.base_batch_size}), weight decay "
@@ -272,7 +273,7 @@ def run_summary(config, workdir, source, ground_truth, detector, state, mesh, st
 
 def forward_gflops(detector, variables) -> float:
   """XLA's FLOP count of one image's forward pass, in GFLOP (nan where the backend gives none)."""
-  image = jax.ShapeDtypeStruct((1,) + detector.image_size + (3,), jnp.float32)
+  image = jax.ShapeDtypeStruct(detector.example_input().shape, jnp.float32)
   cost = jax.jit(lambda v, x: detector.module.apply(v, x)).lower(variables, image).cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   return cost.get("flops", float("nan")) / 1e9
@@ -319,9 +320,9 @@ def _loop(run, state):
       scalars["images_per_sec"] = (done - last_logged) * config.batch_size / (time.time() - t0)
       t0, last_logged = time.time(), done
       run.logger.write(done, scalars, "train")
-      postfix = {"loss": f"{scalars['loss']:.3f}", "cls": f"{scalars['classification']:.3f}",
-                 "box": f"{scalars['bbox_regression']:.3f}", "lr": f"{scalars['lr']:.2e}",
-                 "img/s": f"{scalars['images_per_sec']:.1f}"}
+      postfix = {"loss": f"{scalars['loss']:.3f}",
+                 **{short: f"{scalars[term]:.3f}" for term, short in run.detector.LOSS_TERMS.items()},
+                 "lr": f"{scalars['lr']:.2e}", "img/s": f"{scalars['images_per_sec']:.1f}"}
       bar.set_postfix(postfix)
     if done % run.steps_per_epoch == 0 or last:   # the epoch's line stays, above what evaluation prints
       bar.close()

@@ -63,8 +63,8 @@ def tiny_model_config(**overrides):
   """The tests' small model for mechanics (checkpoints, multi-device steps, train.py runs, export plumbing):
   SSDlite320's code paths at a quarter of the width on 128 px inputs, 4 classes (the synthetic dataset's 3 and
   background). Parity tests use the full-size models instead."""
-  from ssdlite_jax.models import default_model_config
-  config = default_model_config()
+  from ssdlite_jax.ssd.configs import ssdlite320_config
+  config = ssdlite320_config()
   config.update({"image_size": TINY["image_size"], "num_classes": 4, **overrides})
   config.backbone_kwargs.width_mult = TINY["width_mult"]
   return config

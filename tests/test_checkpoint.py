@@ -13,7 +13,8 @@ import pytest
 
 from ssdlite_jax import checkpoint, optim
 from ssdlite_jax.distributed import make_mesh, shard_batch
-from ssdlite_jax.models import build_model, ssd300_vgg16_config
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssd300_vgg16_config
 from ssdlite_jax.train_step import TrainState, create_train_state, make_train_step
 from tests.helpers import QUICK_COMPILE_OPTIONS, subprocess_env, tiny_model_config
 from tests.torch_reference import smooth_images
@@ -61,11 +62,11 @@ def test_checkpoint_from_more_devices_loads_on_one(tmp_path):
       "import jax, numpy as np\n"
       "from jax.sharding import NamedSharding, PartitionSpec as P\n"
       "from ssdlite_jax import checkpoint\n"
-      "from ssdlite_jax.models import default_model_config\n"
+      "from ssdlite_jax.ssd.configs import ssdlite320_config\n"
       "mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))\n"
       "v = {'params': {'a': np.arange(6, dtype=np.float32)}, 'batch_stats': {'n': np.int32(3)}}\n"
       "v = jax.device_put(v, NamedSharding(mesh, P()))\n"
-      "checkpoint.save_variables(sys.argv[1], 5, v, default_model_config())\n")
+      "checkpoint.save_variables(sys.argv[1], 5, v, ssdlite320_config())\n")
   subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], check=True, capture_output=True,
                  env=subprocess_env())
   variables, cfg, step = checkpoint.load_variables(str(tmp_path / "ckpt"))

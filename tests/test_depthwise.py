@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 
 from ssdlite_jax.kernels.depthwise import depthwise_conv
-from ssdlite_jax.models import build_model, default_model_config, layers
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssdlite320_config
+from ssdlite_jax.models import layers
 from tests.helpers import import_or_skip
 
 
 def _ssdlite320_depthwise_shapes():
   """Unique (input size, channels, kernel, stride) of the model's depthwise convs for a 320x320 image, as
   traced through build_model (backbone, extra blocks and heads)."""
-  det = build_model(default_model_config())
+  det = build_model(ssdlite320_config())
   shapes = set()
 
   def record(next_fun, args, kwargs, context):

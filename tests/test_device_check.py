@@ -11,7 +11,8 @@ import pytest
 
 from bench import common
 from ssdlite_jax import porting
-from ssdlite_jax.models import build_model, default_model_config
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssdlite320_config
 from tests.helpers import REPO, import_or_skip, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
@@ -61,7 +62,7 @@ def test_loss_curves_start_at_torchvisions_loss(smoke):
   _, result = smoke
   curves = result["ours"]["loss_curves"]
   assert len(curves["float32"]) == len(curves["bfloat16"]) == result["sizes"]["curve_steps"]
-  det = build_model(default_model_config())
+  det = build_model(ssdlite320_config())
   variables = jax.device_get(det.init(jax.random.key(0)))
   model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).train()
   model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in porting.flax_to_torch(variables, det).items()})

@@ -20,7 +20,8 @@ import pytest
 from ssdlite_jax import checkpoint, detect, porting
 from ssdlite_jax.cli import export as export_cli
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import build_model, ssd300_vgg16_config
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssd300_vgg16_config
 from tests.helpers import assert_same_detections, import_or_skip, tiny_model_config
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
@@ -134,7 +135,7 @@ def test_bad_input_is_named_and_leaves_no_file(weights, tmp_path, capsys):
     export_cli.main(["--torch-weights", str(tmp_path / "missing.pth"), "--format", "stablehlo", "--out", str(out)])
   other = {"backbone.features.0.weight": np.zeros((64, 3, 3, 3), np.float32)}
   porting.save_state_dict(other, str(tmp_path / "vgg.safetensors"))
-  with pytest.raises(SystemExit, match="vgg.safetensors: the state_dict fits no known SSD variant"):
+  with pytest.raises(SystemExit, match="vgg.safetensors: the state_dict fits no known model variant"):
     export_cli.main(["--torch-weights", str(tmp_path / "vgg.safetensors"), "--format", "stablehlo", "--out", str(out)])
   assert sorted(os.listdir(tmp_path)) == ["vgg.safetensors"]
 

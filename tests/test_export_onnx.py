@@ -21,7 +21,8 @@ from ssdlite_jax import checkpoint, detect, porting
 from ssdlite_jax.cli import export as export_cli
 from ssdlite_jax.export import onnx as onnx_export, with_overrides
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import build_model, default_model_config, ssd300_vgg16_config
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssdlite320_config, ssd300_vgg16_config
 from ssdlite_jax.models.layers import BatchNorm
 from ssdlite_jax.ssd import postprocess
 from tests import selection_cases
@@ -233,7 +234,7 @@ def test_onnx_full_size_ssdlite320_with_zero_area_boxes(num_classes, tmp_path):
   box regression's last convolutions x 80: boxes fly past the borders and clip to zero width or height (at least
   a fifth of the detections), ties included. Every detection equals the Predictor's, one to one (order free
   only among scores equal to float rounding); at 2 classes fewer than D survive the NMS."""
-  config = default_model_config()
+  config = ssdlite320_config()
   config.num_classes = num_classes
   detector = build_model(config)
   images = smooth_images(2, 320, 320, seed=5)

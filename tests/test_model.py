@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from ssdlite_jax.ssd import postprocess
-from ssdlite_jax.models import (build_model, default_model_config, layers, ssd300_vgg16_config, ssd512_resnet50_config,
-                                ssd512_vgg16_config, vgg)
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssdlite320_config, ssd300_vgg16_config, ssd512_resnet50_config, ssd512_vgg16_config
+from ssdlite_jax.models import layers, vgg
 from tests.helpers import tiny_model_config
 from tests.torch_reference import smooth_images
 
 
 def test_parameter_count_and_anchor_count_are_torchvision_published():
   """torchvision's model card: 3,440,060 parameters; 6 anchors on each cell of the 20, 10, 5, 3, 2, 1 maps."""
-  det = build_model(default_model_config())
+  det = build_model(ssdlite320_config())
   variables = jax.eval_shape(det.init, jax.random.key(0))
   assert sum(math.prod(x.shape) for x in jax.tree.leaves(variables["params"])) == 3_440_060
   assert det.anchors.shape == (6 * (20 ** 2 + 10 ** 2 + 5 ** 2 + 3 ** 2 + 2 ** 2 + 1), 4) == (3234, 4)
@@ -66,7 +67,7 @@ def test_anchors_hand_computed():
   """DefaultBoxGenerator([[2, 3]] * 6, min_ratio=0.2, max_ratio=0.95) at 320 px, worked out by hand: scales
   0.2, 0.35, ..., 0.95 and 1.0; per cell (s, s), (s', s') with s' = sqrt(s_k s_k+1), then (s sqrt(a), s / sqrt(a))
   and its transpose for a = 2, 3, each w/h clipped to 1; centres at (i + 0.5) / f of the image side."""
-  anchors = build_model(default_model_config()).anchors
+  anchors = build_model(ssdlite320_config()).anchors
   box = lambda cx, cy, w, h: [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
   s, s_next = 0.2, 0.35
   first_cell = [box(8, 8, 64, 64), box(8, 8, 320 * math.sqrt(s * s_next), 320 * math.sqrt(s * s_next)),

@@ -7,7 +7,8 @@ import pytest
 from ssdlite_jax import porting
 from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.inference import Predictor
-from ssdlite_jax.models import build_model, default_model_config
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssdlite320_config
 from tests.helpers import import_or_skip
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy, to_nchw
 
@@ -21,7 +22,7 @@ def torch_model():
 
 @pytest.fixture(scope="module", params=["cpu", "xla", "per_platform"])   # per_platform: cpu's branch here
 def ported(request, torch_model):
-  cfg = default_model_config()
+  cfg = ssdlite320_config()
   cfg.kernels = request.param
   det = build_model(cfg)
   return det, porting.torch_to_flax(state_dict_numpy(torch_model), det)
@@ -42,7 +43,7 @@ def torch_forward(torch_model):
 
 
 def test_parameter_count_matches_torchvision(torch_model):
-  det = build_model(default_model_config())
+  det = build_model(ssdlite320_config())
   variables = jax.eval_shape(det.init, jax.random.key(0))
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
   assert n == sum(p.numel() for p in torch_model.parameters()) == 3_440_060
@@ -66,7 +67,7 @@ def test_feature_maps_and_heads(ported, torch_forward):
 def test_anchors_match_default_box_generator(torch_model, image_size):
   torch = import_or_skip("torch")
   from torchvision.models.detection.image_list import ImageList
-  cfg = default_model_config()
+  cfg = ssdlite320_config()
   cfg.image_size = image_size
   det = build_model(cfg)
   with torch.no_grad():
@@ -81,7 +82,7 @@ def test_anchors_match_default_box_generator(torch_model, image_size):
 
 def test_postprocess_matches_torchvision(torch_model):
   torch = import_or_skip("torch")
-  det = build_model(default_model_config())
+  det = build_model(ssdlite320_config())
   rs = np.random.RandomState(3)
   logits = rs.normal(0, 3, (2, 3234, 91)).astype(np.float32)
   reg = rs.normal(0, 1, (2, 3234, 4)).astype(np.float32)

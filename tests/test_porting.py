@@ -15,7 +15,8 @@ from ssdlite_jax.cli import port_weights, predict
 from ssdlite_jax import checkpoint, porting
 from ssdlite_jax.inference import Predictor, to_rgb_uint8
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import build_model, default_model_config
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssdlite320_config
 from tests.helpers import import_or_skip
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
@@ -67,7 +68,7 @@ def test_checkpoint_holds_model_config(ckpt_dir):
 
 @pytest.mark.torch
 def test_mismatched_keys_are_all_named(torch_model):
-  det = build_model(default_model_config())
+  det = build_model(ssdlite320_config())
   sd = state_dict_numpy(torch_model)
   sd.pop("backbone.extra.0.1.1.running_var")
   sd["head.regression_head.module_list.0.1.weight"] = np.zeros((24, 671, 1, 1), np.float32)
@@ -103,14 +104,14 @@ def test_class_count_and_variant_come_from_the_weights(tmp_path):
   with pytest.raises(ValueError) as e:
     load_detector(str(tmp_path / "vgg.safetensors"))
   msg = str(e.value)
-  assert "vgg.safetensors: the state_dict fits no known SSD variant" in msg
+  assert "vgg.safetensors: the state_dict fits no known model variant" in msg
   assert "ssdlite320_mobilenet_v3_large: 1 keys missing (e.g. ['backbone.features.0.0.0.weight'])" in msg
   assert "1 unexpected (e.g. ['backbone.features.0.weight'])" in msg
 
 
 @pytest.mark.torch
 def test_fine_tune_to_other_num_classes(torch_model):
-  cfg = default_model_config()
+  cfg = ssdlite320_config()
   cfg.num_classes = 4
   det = build_model(cfg)
   sd = state_dict_numpy(torch_model)
@@ -155,7 +156,7 @@ def test_pth_without_torch_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_from_scratch_init_matches_torchvision_recipe():
-  det = build_model(default_model_config())
+  det = build_model(ssdlite320_config())
   flat = porting.flax_to_torch(det.init(jax.random.key(0)), det)
   kernels = [v for k, v in flat.items() if v.ndim == 4]
   assert len(kernels) == 98

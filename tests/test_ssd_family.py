@@ -12,7 +12,8 @@ from ssdlite_jax import optim, porting
 from ssdlite_jax.distributed import make_mesh, shard_batch
 from ssdlite_jax.inference import Predictor
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import build_model, ssd300_vgg16_config, ssd512_resnet50_config, ssd512_vgg16_config
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssd300_vgg16_config, ssd512_resnet50_config, ssd512_vgg16_config
 from ssdlite_jax.train_step import create_train_state, make_train_step
 from tests.helpers import import_or_skip
 from tests.test_model_parity import assert_same_detections

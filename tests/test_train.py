@@ -18,7 +18,7 @@ import pytest
 
 import ssdlite_jax
 from ssdlite_jax import checkpoint
-from ssdlite_jax.models import build_model
+from ssdlite_jax.zoo import build_model
 from tests.helpers import train_command
 
 STEPS = 12   # two epochs of the 24 train images at batch 4

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from ssdlite_jax import optim, porting
-from ssdlite_jax.models import build_model, default_model_config
+from ssdlite_jax.zoo import build_model
+from ssdlite_jax.ssd.configs import ssdlite320_config
 from ssdlite_jax.distributed import AXIS, make_mesh, shard_batch
 from ssdlite_jax.train_step import create_train_state, make_train_step
 from tests.helpers import QUICK_COMPILE_OPTIONS, REPO, import_or_skip, subprocess_env, tiny_model_config
@@ -132,7 +133,7 @@ def torch_steps():
 def _our_sgd_step(kernels, dtype, start):
   """Our full SSDlite320 step from the torchvision weights `start` in `dtype`: (detector, tx, mesh, compiled
   step, variables before, metrics, state_dict after)."""
-  config = default_model_config()
+  config = ssdlite320_config()
   config.kernels = kernels
   config.dtype = dtype
   det = build_model(config)

@@ -17,7 +17,7 @@ import ml_collections
 
 from ssdlite_jax import checkpoint, porting
 from ssdlite_jax.loading import load_detector
-from ssdlite_jax.models import build_model, variant_name
+from ssdlite_jax.zoo import build_model, variant_name
 
 
 def to_flax(args):

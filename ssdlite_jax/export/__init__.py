@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 
 from ssdlite_jax.ssd import postprocess
-from ssdlite_jax.models import Detector, build_model
+from ssdlite_jax.detector import Detector
+from ssdlite_jax.zoo import build_model
 
 # Name scopes of the JAX part of the tflite and onnx graphs (the int8 converter keeps every tensor outside
 # NETWORK_SCOPE in float32).

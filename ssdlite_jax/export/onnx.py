@@ -33,7 +33,7 @@ import numpy as np
 
 from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.export import network_and_decode
-from ssdlite_jax.models import Detector
+from ssdlite_jax.detector import Detector
 
 # Plain XLA convolutions (grouped and 1x1 lax.conv), which jax2onnx converts to ONNX Conv.
 KERNELS = "xla"

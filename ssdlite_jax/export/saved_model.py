@@ -13,7 +13,7 @@ the directory as a model version).
 from typing import Any, Callable, Dict, Tuple
 
 from ssdlite_jax.export import tflite
-from ssdlite_jax.models import Detector
+from ssdlite_jax.detector import Detector
 
 KERNELS = tflite.KERNELS
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ssdlite_jax import detect
-from ssdlite_jax.models import Detector
+from ssdlite_jax.detector import Detector
 
 PLATFORMS = ("cpu", "cuda")
 KERNELS = "per_platform"   # the CPU kernels when run on CPU, XLA's ops on CUDA

@@ -28,7 +28,7 @@ import numpy as np
 
 from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.export import NETWORK_SCOPE, mediapipe_metadata, network_and_decode
-from ssdlite_jax.models import Detector
+from ssdlite_jax.detector import Detector
 
 # XLA's grouped and 1x1 convolutions become TFLite's DEPTHWISE_CONV_2D and CONV_2D (the CPU kernels' shift-and-add
 # runs 12x slower in LiteRT, and their matmul form of the SE block's 1x1 convs does not convert).
