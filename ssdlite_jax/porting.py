@@ -1,8 +1,10 @@
 """Weight porting between torchvision state_dicts and Flax variables, and .pth / .safetensors files.
 
-Conversion rules (torch -> Flax): conv OIHW -> HWIO (depthwise (C,1,k,k) -> (k,k,1,C)); BN weight/bias ->
-params scale/bias; running_mean/var/num_batches_tracked -> batch_stats mean/var/num_batches_tracked (a model
-without BatchNorm has an empty batch_stats); bare parameters (VGG's scale_weight) unchanged.
+Conversion rules (torch -> Flax): conv OIHW -> HWIO (depthwise (C,1,k,k) -> (k,k,1,C)); Linear (out, in) -> Dense
+(in, out), and a Linear fed torch's NCHW flatten of a [C, 7, 7] map (Faster R-CNN's fc6) -> a Dense fed the NHWC
+flatten; BN weight/bias -> params scale/bias; running_mean/var/num_batches_tracked -> batch_stats
+mean/var/num_batches_tracked (a model without BatchNorm has an empty batch_stats); FrozenBatchNorm2d's four buffers
+-> batch_stats scale/bias/mean/var; bare parameters (VGG's scale_weight) unchanged.
 torch is imported only to read or write .pth files.
 """
 
@@ -19,43 +21,76 @@ from ssdlite_jax.detector import Detector, with_batch_stats
 
 StateDict = Dict[str, np.ndarray]
 
-# (flax collection, flax leaf path under the module, torch key suffix, is_kernel) per kind of module.
-_CONV_NOBIAS = (("params", ("kernel",), ".weight", True),)
-_CONV = _CONV_NOBIAS + (("params", ("bias",), ".bias", False),)
+# Tensor layouts: (torch -> flax, flax -> torch) per layout name; "" is the same array on both sides.
+_FC_GRID = 7   # the RoI feature grid a "linear_nchw" Linear (fc6) flattens
+
+
+def _nchw_to_nhwc_rows(w):
+  o, n = w.shape
+  c = n // (_FC_GRID * _FC_GRID)
+  return w.reshape(o, c, _FC_GRID, _FC_GRID).transpose(2, 3, 1, 0).reshape(n, o)
+
+
+def _nhwc_rows_to_nchw(k):
+  n, o = k.shape
+  c = n // (_FC_GRID * _FC_GRID)
+  return k.reshape(_FC_GRID, _FC_GRID, c, o).transpose(3, 2, 0, 1).reshape(o, n)
+
+
+_LAYOUTS = {
+    "": (lambda v: v, lambda v: v),
+    "conv": (lambda v: v.transpose(2, 3, 1, 0), lambda v: v.transpose(3, 2, 0, 1)),
+    "linear": (lambda v: v.T, lambda v: v.T),
+    "linear_nchw": (_nchw_to_nhwc_rows, _nhwc_rows_to_nchw),
+}
+
+# (flax collection, flax leaf path under the module, torch key suffix, layout) per kind of module.
+_CONV_NOBIAS = (("params", ("kernel",), ".weight", "conv"),)
+_CONV = _CONV_NOBIAS + (("params", ("bias",), ".bias", ""),)
+_LINEAR = (("params", ("kernel",), ".weight", "linear"), ("params", ("bias",), ".bias", ""))
+_LINEAR_NCHW = (("params", ("kernel",), ".weight", "linear_nchw"), ("params", ("bias",), ".bias", ""))
 _BN = (
-    ("params", ("scale",), ".weight", False),
-    ("params", ("bias",), ".bias", False),
-    ("batch_stats", ("mean",), ".running_mean", False),
-    ("batch_stats", ("var",), ".running_var", False),
-    ("batch_stats", ("num_batches_tracked",), ".num_batches_tracked", False),
+    ("params", ("scale",), ".weight", ""),
+    ("params", ("bias",), ".bias", ""),
+    ("batch_stats", ("mean",), ".running_mean", ""),
+    ("batch_stats", ("var",), ".running_var", ""),
+    ("batch_stats", ("num_batches_tracked",), ".num_batches_tracked", ""),
 )
-# torchvision's Conv2dNormActivation: Sequential(conv, BN) as ConvBNAct's "conv" and "bn"; ResNet names the two
-# parts itself (conv1 / bn1): a "conv_nobias" and a "bn" entry there.
-_CONV_BN = (("params", ("conv", "kernel"), ".0.weight", True),) + tuple(
-    (coll, ("bn",) + leaf, ".1" + suffix, is_kernel) for coll, leaf, suffix, is_kernel in _BN)
-_TENSOR = (("params", (), "", False),)  # a bare parameter (SSD's L2Norm scale_weight): same shape both sides
-_KINDS = {"conv_bn": _CONV_BN, "conv": _CONV, "tensor": _TENSOR, "conv_nobias": _CONV_NOBIAS, "bn": _BN}
+_FROZEN_BN = tuple(("batch_stats", leaf, suffix, "") for leaf, suffix in (
+    (("scale",), ".weight"), (("bias",), ".bias"), (("mean",), ".running_mean"), (("var",), ".running_var")))
 
 
-def _expand(modules) -> List[Tuple[str, Tuple[str, ...], str, bool]]:
-  """{flax module path: (torch prefix, kind)} -> [(collection, flax path, torch key, is_kernel)]."""
-  return [(coll, path + leaf, prefix + suffix, is_kernel)
-          for path, (prefix, kind) in modules.items() for coll, leaf, suffix, is_kernel in _KINDS[kind]]
+def _conv_then(norm):
+  """torchvision's Conv2dNormActivation: Sequential(conv, norm) as ConvBNAct's "conv" and "bn"."""
+  return (("params", ("conv", "kernel"), ".0.weight", "conv"),) + tuple(
+      (coll, ("bn",) + leaf, ".1" + suffix, layout) for coll, leaf, suffix, layout in norm)
 
 
-def key_map(detector: Detector) -> List[Tuple[str, Tuple[str, ...], str, bool]]:
-  """[(collection, flax path, torch key, is_kernel)] for every tensor, in torchvision's state_dict order."""
-  return _expand(detector.torchvision_modules())
+# ResNet names the two parts itself (conv1 / bn1): a "conv_nobias" and a "bn" entry there.
+_TENSOR = (("params", (), "", ""),)  # a bare parameter (SSD's L2Norm scale_weight): same shape both sides
+_KINDS = {"conv_bn": _conv_then(_BN), "conv_frozen_bn": _conv_then(_FROZEN_BN), "conv": _CONV, "tensor": _TENSOR,
+          "conv_nobias": _CONV_NOBIAS, "bn": _BN, "linear": _LINEAR, "linear_nchw": _LINEAR_NCHW}
 
 
-def _shapes(variables) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+def expand(modules) -> List[Tuple[str, Tuple[str, ...], str, str]]:
+  """{flax module path: (torch prefix, kind)} -> [(collection, flax path, torch key, layout)]."""
+  return [(coll, path + leaf, prefix + suffix, layout)
+          for path, (prefix, kind) in modules.items() for coll, leaf, suffix, layout in _KINDS[kind]]
+
+
+def key_map(detector: Detector) -> List[Tuple[str, Tuple[str, ...], str, str]]:
+  """[(collection, flax path, torch key, layout)] for every tensor, in torchvision's state_dict order."""
+  return expand(detector.torchvision_modules())
+
+
+def shapes(variables) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
   """{(collection,) + flax path: shape} of a variables pytree (arrays or ShapeDtypeStructs)."""
   return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(variables).items()}
 
 
-def _to_flax_leaf(value: np.ndarray, is_kernel: bool, key: str) -> np.ndarray:
-  if is_kernel:
-    return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+def _to_flax_leaf(value: np.ndarray, layout: str, key: str) -> np.ndarray:
+  if layout:
+    return np.ascontiguousarray(_LAYOUTS[layout][0](value))
   if value.dtype == np.int64:  # num_batches_tracked
     if abs(int(value)) > np.iinfo(np.int32).max:
       raise ValueError(f"{key}: value {int(value)} does not fit in int32")
@@ -75,7 +110,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], detector: Detector,
   entries = key_map(detector)
   expected = {torch_key for _, _, torch_key, _ in entries}
   problems = [f"unexpected key {k} {tuple(np.shape(v))}" for k, v in state_dict.items() if k not in expected]
-  flat, missing = _read(state_dict, entries, _shapes(jax.eval_shape(detector.init, jax.random.key(0))))
+  flat, missing = read(state_dict, entries, shapes(jax.eval_shape(detector.init, jax.random.key(0))))
   problems += missing
   if not skip_mismatched:
     if problems:
@@ -86,19 +121,19 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], detector: Detector,
   return with_batch_stats(flax.traverse_util.unflatten_dict(merged)), problems
 
 
-def _read(state_dict, entries, shapes):
-  """({(collection,) + flax path: value} of `entries` found in `state_dict` with the flax shape `shapes` gives
-  them, problems: one line per missing or mis-shaped key)."""
+def read(state_dict, entries, want_shapes):
+  """({(collection,) + flax path: value} of `entries` (expand's) found in `state_dict` with the flax shape
+  `want_shapes` (shapes') gives them, problems: one line per missing or mis-shaped key)."""
   flat, problems = {}, []
-  for coll, path, torch_key, is_kernel in entries:
-    want = shapes[(coll,) + path]
+  for coll, path, torch_key, layout in entries:
+    want = want_shapes[(coll,) + path]
     if torch_key not in state_dict:
-      problems.append(f"missing key {torch_key} (expected shape {_torch_shape(want, is_kernel)})")
+      problems.append(f"missing key {torch_key} (expected shape {_torch_shape(want, layout)})")
       continue
-    value = _to_flax_leaf(np.asarray(state_dict[torch_key]), is_kernel, torch_key)
+    value = _to_flax_leaf(np.asarray(state_dict[torch_key]), layout, torch_key)
     if value.shape != want:
       problems.append(f"shape mismatch for {torch_key}: checkpoint {tuple(state_dict[torch_key].shape)}, "
-                      f"model {_torch_shape(want, is_kernel)}")
+                      f"model {_torch_shape(want, layout)}")
       continue
     flat[(coll,) + path] = value
   return flat, problems
@@ -112,8 +147,8 @@ def import_backbone(state_dict: Mapping[str, np.ndarray], detector: Detector, va
   modules = detector.imagenet_modules()
   if not modules:
     raise ValueError(f"model.backbone={detector.config.get('backbone')!r} has no ImageNet weight import")
-  entries = _expand(modules)
-  flat, problems = _read(state_dict, entries, _shapes(variables))
+  entries = expand(modules)
+  flat, problems = read(state_dict, entries, shapes(variables))
   if problems:
     raise ValueError("not the backbone's ImageNet weights:\n  " + "\n  ".join(problems))
   merged = flax.traverse_util.flatten_dict(jax.device_get(variables))
@@ -121,19 +156,17 @@ def import_backbone(state_dict: Mapping[str, np.ndarray], detector: Detector, va
   return with_batch_stats(flax.traverse_util.unflatten_dict(merged)), len(flat)
 
 
-def _torch_shape(flax_shape, is_kernel):
-  return tuple(flax_shape[i] for i in (3, 2, 0, 1)) if is_kernel else tuple(flax_shape)
+def _torch_shape(flax_shape, layout):
+  return tuple(_LAYOUTS[layout][1](np.empty(flax_shape, np.bool_)).shape)
 
 
 def flax_to_torch(variables, detector: Detector) -> StateDict:
   """A torchvision state_dict (ordered, numpy) from Flax variables; loads with strict=True."""
   flat = flax.traverse_util.flatten_dict(jax.device_get(variables))
   out = collections.OrderedDict()
-  for coll, path, torch_key, is_kernel in key_map(detector):
-    value = np.asarray(flat[(coll,) + path])
-    if is_kernel:
-      value = value.transpose(3, 2, 0, 1)
-    elif path[-1] == "num_batches_tracked":
+  for coll, path, torch_key, layout in key_map(detector):
+    value = _LAYOUTS[layout][1](np.asarray(flat[(coll,) + path]))
+    if path[-1] == "num_batches_tracked":
       value = value.astype(np.int64)
     out[torch_key] = np.array(value, order="C")  # not ascontiguousarray: it makes 0-d counters 1-d
   return out

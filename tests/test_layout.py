@@ -8,7 +8,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = "ssdlite_jax"
-FAMILIES = ("ssdlite_jax.ssd",)                  # family packages
+FAMILIES = ("ssdlite_jax.ssd", "ssdlite_jax.rcnn")  # family packages
 BELOW_FAMILIES = ("ssdlite_jax.detector", "ssdlite_jax.boxes", "ssdlite_jax.box_coder", "ssdlite_jax.dtypes",
                   "ssdlite_jax.models")           # the contract, box maths and networks the families build on
 GENERIC = ("ssdlite_jax.detect", "ssdlite_jax.train_step", "ssdlite_jax.inference", "ssdlite_jax.loading",

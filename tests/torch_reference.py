@@ -100,3 +100,44 @@ def smooth_images(n, h, w, seed=0):
            + fy * (1 - fx) * c[y0 + 1][:, x0] + fy * fx * c[y0 + 1][:, x0 + 1])
     out.append(np.clip(img + rs.normal(0, 0.05, img.shape), 0, 1))
   return np.stack(out).astype(np.float32)
+
+
+def torch_fasterrcnn_mobilenet(variant="320", frozen_bn=True, num_classes=91, seed=0):
+  """fasterrcnn_mobilenet_v3_large_320_fpn (variant '320') or _fpn ('hr') in eval mode with random weights and
+  random, non-degenerate BN statistics: with frozen_bn, as the released weights build it (the builder's own parts
+  with FrozenBatchNorm2d, which no download gives here), else as weights=None, weights_backbone=None builds it
+  (BatchNorm2d eps 1e-5). Both layouts carry the same values."""
+  torch = import_or_skip("torch")
+  torchvision = import_or_skip("torchvision")
+  from torchvision.models.detection import anchor_utils, faster_rcnn
+  from torchvision.ops import misc
+  settings = {"320": dict(min_size=320, max_size=640, rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=150,
+                          rpn_score_thresh=0.05),
+              "hr": dict(rpn_score_thresh=0.05)}[variant]
+  builder = {"320": faster_rcnn.fasterrcnn_mobilenet_v3_large_320_fpn,
+             "hr": faster_rcnn.fasterrcnn_mobilenet_v3_large_fpn}[variant]
+  torch.manual_seed(seed)
+  model = builder(weights=None, weights_backbone=None, num_classes=num_classes).eval()
+  bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  mean = torch.tensor(model.transform.image_mean)[:, None, None]
+  std = torch.tensor(model.transform.image_std)[:, None, None]
+  with torch.no_grad():
+    for m in bns:
+      m.weight.uniform_(0.5, 1.0)
+      m.bias.uniform_(-0.5, 0.5)
+      m.momentum = 1.0  # running stats := the calibration batch's
+    model.train()
+    model.backbone((torch.from_numpy(smooth_images(2, 320, 320, seed).transpose(0, 3, 1, 2)) - mean) / std)
+    model.eval()
+    for m in bns:
+      m.momentum = 0.1
+      m.running_var.mul_(torch.empty_like(m.running_var).uniform_(1.0, 1.5))
+      m.num_batches_tracked.fill_(int(torch.randint(0, 10**6, ())))
+  if not frozen_bn:
+    return model
+  backbone = faster_rcnn._mobilenet_extractor(
+      torchvision.models.mobilenet_v3_large(norm_layer=misc.FrozenBatchNorm2d), True, 3)
+  anchors = anchor_utils.AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+  frozen = faster_rcnn.FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **settings).eval()
+  frozen.load_state_dict(model.state_dict())   # FrozenBatchNorm2d drops num_batches_tracked
+  return frozen

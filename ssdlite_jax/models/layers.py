@@ -89,6 +89,24 @@ class BatchNorm(nn.Module):
     return y
 
 
+class FrozenBatchNorm(nn.Module):
+  """torchvision's FrozenBatchNorm2d over the last axis: x * (w * rsqrt(rv + eps)) + (b - rm * w * rsqrt(rv + eps)),
+  in train mode too. Its four tensors are buffers in torch (no parameters, no num_batches_tracked): here they live
+  in batch_stats as scale/bias/mean/var, which no step updates and the optimizer never sees."""
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    c, dtype = x.shape[-1], wide_dtype(x.dtype)
+    scale = self.variable("batch_stats", "scale", jnp.ones, (c,), dtype).value
+    bias = self.variable("batch_stats", "bias", jnp.zeros, (c,), dtype).value
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), dtype).value
+    var = self.variable("batch_stats", "var", jnp.ones, (c,), dtype).value
+    mul = scale * lax.rsqrt(var + self.epsilon)
+    return (x.astype(dtype) * mul + (bias - mean * mul)).astype(x.dtype)
+
+
 def max_pool(x, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False):
   """torch MaxPool2d on NHWC x: -inf padding; ceil_mode pads the bottom/right so that a last, partial window
   counts (torch's rule: it must start inside the input or the left padding)."""
@@ -135,11 +153,13 @@ class DepthwiseConv(nn.Module):
   stride: int = 1
   kernels: str = "xla"
   dtype: Any = jnp.float32
+  kernel_init: Callable = conv_init
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, c), wide_dtype(self.dtype))
+    kernel = self.param("kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, c),
+                        wide_dtype(self.dtype))
     stride, padding = self.stride, _pad(self.kernel_size)
     return _by_kernels(self.kernels, lambda x, k: depthwise_conv(x, k, stride, padding),
                        lambda x, k: depthwise_conv_xla(x, k, stride, padding),
@@ -201,7 +221,7 @@ class ConvBNAct(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     if self.depthwise:
-      x = self.depthwise_conv(self.kernel_size, self.stride, name="conv")(x)
+      x = self.depthwise_conv(self.kernel_size, self.stride, kernel_init=self.kernel_init, name="conv")(x)
     else:
       x = self.conv(self.features, self.kernel_size, self.stride, use_bias=self.norm is None, padding=self.padding,
                     kernel_init=self.kernel_init, name="conv")(x)

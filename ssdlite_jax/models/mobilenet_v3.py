@@ -1,11 +1,12 @@
-"""MobileNetV3-Large feature extractor for SSDlite, as torchvision builds it without a pretrained backbone.
+"""MobileNetV3-Large feature extractors: SSDlite's (MobileNetV3SSDLite, as torchvision builds it without a pretrained
+backbone) and Faster R-CNN's FPN body (MobileNetV3Body).
 
-Reduced tail (C4/C5 channels halved), width_mult, min_depth 16; two taps: the expansion output of the
-C4 block (672 x 20 x 20 at 320 px) and the last conv (480 x 10 x 10); then four depthwise-separable
-extra blocks. All feature maps are NHWC.
+SSDlite's: reduced tail (C4/C5 channels halved), width_mult, min_depth 16; two taps: the expansion output of the
+C4 block (672 x 20 x 20 at 320 px) and the last conv (480 x 10 x 10); then four depthwise-separable extra blocks.
+All feature maps are NHWC.
 """
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -150,4 +151,48 @@ class MobileNetV3SSDLite(nn.Module):
     for k in range(len(self.extra_depths)):
       for j, part in enumerate(("reduce", "depthwise", "expand")):
         out[(f"extra{k}_{part}",)] = (f"extra.{k}.{j}", "conv_bn")
+    return out
+
+
+class MobileNetV3Body(nn.Module):
+  """MobileNetV3-Large features 0..16 as torchvision's _mobilenet_extractor(fpn=True) keeps them (stem, blocks
+  1..15, last conv; no dilation) -> the outputs of the feature indices `taps`, NHWC. Faster R-CNN: the full tail
+  and taps (13, 16), 160 x H/32 x W/32 and 960 x H/32 x W/32 (block 13 is the last stride-2 block)."""
+  width_mult: float = 1.0
+  reduced_tail: bool = False
+  taps: Sequence[int] = (13, 16)
+  conv: Callable = layers.conv
+  conv_bn: Callable = layers.ConvBNAct
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    blocks, last_ch = large_config(self.width_mult, self.reduced_tail)
+    x = self.conv_bn(blocks[0].in_ch, 3, 2, activation="hardswish", name="stem")(x, train)
+    outputs = []
+    for i, cfg in enumerate(blocks, start=1):
+      _, x = InvertedResidual(cfg, self.conv, self.conv_bn, name=f"block{i}")(x, train)
+      if i in self.taps:
+        outputs.append(x)
+    x = self.conv_bn(last_ch, 1, activation="hardswish", name="last_conv")(x, train)
+    if len(blocks) + 1 in self.taps:
+      outputs.append(x)
+    return outputs
+
+  def torchvision_modules(self, prefix: str, norm: str) -> Dict[tuple, tuple]:
+    """{flax module path: (torch prefix, kind)} with features.{i} at `prefix`.{i} ('backbone.body' in the detector,
+    'features' in the ImageNet classifier); `norm` 'bn' or 'frozen_bn'."""
+    blocks, _ = large_config(self.width_mult, self.reduced_tail)
+    conv_bn = "conv_bn" if norm == "bn" else "conv_frozen_bn"
+    out = {("stem",): (f"{prefix}.0", conv_bn)}
+    for i, cfg in enumerate(blocks, start=1):
+      parts = (["expand"] if cfg.expanded != cfg.in_ch else []) + ["depthwise"]
+      parts += (["se"] if cfg.use_se else []) + ["project"]
+      for j, part in enumerate(parts):
+        key = f"{prefix}.{i}.block.{j}"
+        if part == "se":
+          out[(f"block{i}", "se", "fc1")] = (key + ".fc1", "conv")
+          out[(f"block{i}", "se", "fc2")] = (key + ".fc2", "conv")
+        else:
+          out[(f"block{i}", part)] = (key, conv_bn)
+    out[("last_conv",)] = (f"{prefix}.{len(blocks) + 1}", conv_bn)
     return out
