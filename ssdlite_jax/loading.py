@@ -16,7 +16,7 @@ import numpy as np
 
 from ssdlite_jax import checkpoint, porting
 from ssdlite_jax.detector import Detector
-from ssdlite_jax.zoo import TORCHVISION_VARIANTS, build_model
+from ssdlite_jax.zoo import TORCHVISION_VARIANTS, build_model, layouts
 
 
 def load_detector(source: str, model_config: Optional[ml_collections.ConfigDict] = None,
@@ -48,15 +48,17 @@ def model_config_for(state_dict: Mapping[str, np.ndarray],
                 else {name: make() for name, make in TORCHVISION_VARIANTS.items()})
   misfits = []
   for name, cfg in candidates.items():
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    detector = build_model(cfg)
-    expected = [key for _, _, key, _ in porting.key_map(detector)]
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = sorted(set(state_dict) - set(expected))
-    if not missing and not unexpected:
-      cfg.num_classes = detector.num_classes_of(state_dict)
-      return cfg
+    fits = []
+    for cfg in layouts(cfg):   # e.g. Faster R-CNN's FrozenBatchNorm2d and BatchNorm2d key sets
+      detector = build_model(cfg)
+      expected = [key for _, _, key, _ in porting.key_map(detector)]
+      missing = [k for k in expected if k not in state_dict]
+      unexpected = sorted(set(state_dict) - set(expected))
+      if not missing and not unexpected:
+        cfg.num_classes = detector.num_classes_of(state_dict)
+        return cfg
+      fits.append((len(missing) + len(unexpected), missing, unexpected))
+    _, missing, unexpected = min(fits, key=lambda f: f[0])
     misfits.append(f"{name}: {len(missing)} keys missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                    f"(e.g. {unexpected[:3]})")
   raise ValueError("the state_dict fits no known model variant:\n  " + "\n  ".join(misfits))
-

@@ -5,15 +5,19 @@
 A model config's `family` field names its family (a config without one, e.g. of an older checkpoint, is an SSD).
 """
 
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import ml_collections
 
 from ssdlite_jax.detector import Detector
+from ssdlite_jax.rcnn import configs as rcnn_configs, detector as rcnn_detector
 from ssdlite_jax.ssd import configs as ssd_configs, detector as ssd_detector
 
 # family -> (builder(config, bn_axis_name) -> Detector, its default model config)
-FAMILIES: Dict[str, tuple] = {"ssd": (ssd_detector.build, ssd_configs.ssdlite320_config)}
+FAMILIES: Dict[str, tuple] = {
+    "ssd": (ssd_detector.build, ssd_configs.ssdlite320_config),
+    "rcnn": (rcnn_detector.build, rcnn_configs.fasterrcnn_mobilenet_v3_large_320_fpn_config),
+}
 
 # Model configs whose torchvision-layout state_dicts load without a config: name -> config (loading.py).
 TORCHVISION_VARIANTS: Dict[str, Callable[[], ml_collections.ConfigDict]] = {
@@ -21,7 +25,27 @@ TORCHVISION_VARIANTS: Dict[str, Callable[[], ml_collections.ConfigDict]] = {
     "ssd300_vgg16": ssd_configs.ssd300_vgg16_config,
     "ssd512_vgg16": ssd_configs.ssd512_vgg16_config,
     "ssd512_resnet50": ssd_configs.ssd512_resnet50_config,
+    # The two share every state_dict key: a file of either loads as the first unless a config says otherwise.
+    "fasterrcnn_mobilenet_v3_large_320_fpn": rcnn_configs.fasterrcnn_mobilenet_v3_large_320_fpn_config,
+    "fasterrcnn_mobilenet_v3_large_fpn": rcnn_configs.fasterrcnn_mobilenet_v3_large_fpn_config,
 }
+
+
+# Config fields that change a family's state_dict keys but not its architecture: family -> (field, values). A
+# Faster R-CNN file in the released layout (FrozenBatchNorm2d, 284 keys) or in weights=None's (BatchNorm2d, 330).
+LAYOUT_FIELDS = {"rcnn": ("frozen_bn", (True, False))}
+
+
+def layouts(config: ml_collections.ConfigDict) -> List[ml_collections.ConfigDict]:
+  """`config` in each of its family's state_dict layouts (a list of one for a family with one layout)."""
+  field, values = LAYOUT_FIELDS.get(family_of(config), (None, ()))
+  out = []
+  for value in values or [None]:
+    c = ml_collections.ConfigDict(config.to_dict())
+    if field:
+      c[field] = value
+    out.append(c)
+  return out
 
 
 def family_of(config: Mapping) -> str:

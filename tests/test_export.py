@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssdlite_jax import checkpoint, detect, porting
+from ssdlite_jax import checkpoint, detect, nms, porting
 from ssdlite_jax.cli import export as export_cli
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.zoo import build_model
@@ -276,22 +276,21 @@ def test_litert_nms_decides_iou_ties_as_torchvision_given_the_graphs_threshold()
   """LiteRT's NON_MAX_SUPPRESSION_V5 suppresses at IoU >= its float32 threshold; torchvision's kernel at float32 IoU
   > the float64 threshold. So at 0.5 (exact in float32) the raw op suppresses an IoU of exactly 0.5 that torchvision
   keeps, and at 0.55 torchvision suppresses an IoU of float32(0.55) > 0.55. The threshold the tflite graph gives
-  the op (postprocess.float32_iou_threshold(t, inclusive=True)) makes both decisions torchvision's."""
+  the op (nms.float32_iou_threshold(t, inclusive=True)) makes both decisions torchvision's."""
   tf = import_or_skip("tensorflow")
   torch = import_or_skip("torch")
   import torchvision
   interpreter_lib = import_or_skip("ai_edge_litert.interpreter")
-  from ssdlite_jax.ssd import postprocess
 
   @tf.function(input_signature=[tf.TensorSpec([3, 4], tf.float32), tf.TensorSpec([3], tf.float32),
                                 tf.TensorSpec([], tf.float32)], autograph=False)
-  def nms(boxes, scores, iou_threshold):
+  def tf_nms(boxes, scores, iou_threshold):
     selected, _, count = tf.raw_ops.NonMaxSuppressionV5(
         boxes=boxes, scores=scores, max_output_size=3, iou_threshold=iou_threshold, score_threshold=0.0,
         soft_nms_sigma=0.0, pad_to_max_output_size=True)
     return selected, count
 
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([nms.get_concrete_function()], nms)
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([tf_nms.get_concrete_function()], tf_nms)
   interpreter = interpreter_lib.Interpreter(model_content=converter.convert())
   interpreter.allocate_tensors()
 
@@ -308,8 +307,8 @@ def test_litert_nms_decides_iou_ties_as_torchvision_given_the_graphs_threshold()
     want = torchvision.ops.nms(torch.from_numpy(boxes), torch.tensor([0.9, 0.8, 0.7]), thr).tolist()
     assert want == ([0, 1, 2] if thr == 0.5 else [0, 2])
     assert litert(boxes, thr) == [0, 2]   # the raw op at the threshold itself
-    assert litert(boxes, postprocess.float32_iou_threshold(thr, inclusive=True)) == want
-    keep = postprocess.per_class_nms(jnp.asarray(boxes)[None], jnp.ones((1, 3), bool), thr)
+    assert litert(boxes, nms.float32_iou_threshold(thr, inclusive=True)) == want
+    keep = nms.per_class_nms(jnp.asarray(boxes)[None], jnp.ones((1, 3), bool), thr)
     assert np.flatnonzero(np.asarray(keep)[0]).tolist() == want
 
 

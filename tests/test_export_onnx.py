@@ -17,14 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssdlite_jax import checkpoint, detect, porting
+from ssdlite_jax import checkpoint, detect, nms, porting
 from ssdlite_jax.cli import export as export_cli
 from ssdlite_jax.export import onnx as onnx_export, with_overrides
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.zoo import build_model
 from ssdlite_jax.ssd.configs import ssdlite320_config, ssd300_vgg16_config
 from ssdlite_jax.models.layers import BatchNorm
-from ssdlite_jax.ssd import postprocess
 from tests import selection_cases
 from tests.helpers import assert_same_detections, import_or_skip, tiny_model_config
 from tests.torch_reference import smooth_images
@@ -127,7 +126,7 @@ def test_onnx_nms_decides_iou_ties_as_torchvision_given_the_graphs_threshold():
   """ONNX's NonMaxSuppression (onnxruntime) suppresses at IoU > its float32 threshold; torchvision's kernel at
   float32 IoU > the float64 threshold (tests/test_export.py checks torchvision on the same boxes): at 0.5 both keep
   an IoU of exactly 0.5, at 0.55 torchvision suppresses an IoU of float32(0.55) > 0.55, which onnxruntime keeps at
-  float32(0.55) and suppresses at the graph's postprocess.float32_iou_threshold(0.55)."""
+  float32(0.55) and suppresses at the graph's nms.float32_iou_threshold(0.55)."""
   h = onnx.helper
   node = h.make_node("NonMaxSuppression", ["boxes", "scores", "max", "iou", "score"], ["selected"])
   inits = [onnx.numpy_helper.from_array(np.array([3], np.int64), "max"),
@@ -143,8 +142,8 @@ def test_onnx_nms_decides_iou_ties_as_torchvision_given_the_graphs_threshold():
     run = lambda t: session.run(None, {"boxes": boxes[None], "scores": scores, "iou": np.array([t], np.float32)}
                                 )[0][:, 2].tolist()
     assert run(thr) == [0, 1, 2]
-    assert run(postprocess.float32_iou_threshold(thr)) == torchvision_keeps
-    keep = postprocess.per_class_nms(jnp.asarray(boxes)[None], jnp.ones((1, 3), bool), thr)
+    assert run(nms.float32_iou_threshold(thr)) == torchvision_keeps
+    keep = nms.per_class_nms(jnp.asarray(boxes)[None], jnp.ones((1, 3), bool), thr)
     assert np.flatnonzero(np.asarray(keep)[0]).tolist() == torchvision_keeps
 
 

@@ -14,7 +14,7 @@ scores above `score_thresh` (TopK); per class greedy NMS (one `NonMaxSuppression
 batch entry of its own, so classes never interact); the best D overall (TopK) and the gathers. What the ONNX
 spec leaves to the runtime the graph decides: the NMS ranks candidates by position (score ties go to the lower
 one), zero-area candidates are kept outside it, and its float32 IoU threshold makes `IoU > t` torchvision's
-decision (postprocess.float32_iou_threshold). Both TopKs break ties by the lower index, as lax.top_k: the
+decision (nms.float32_iou_threshold). Both TopKs break ties by the lower index, as lax.top_k: the
 detections are the Predictor's (tests/test_export_selection.py, tests/test_export_onnx.py).
 
 Needs jax2onnx and onnx to convert, which pin an older orbax-checkpoint than requirements.txt: a separate venv,
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssdlite_jax import nms
 from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.export import network_and_decode
 from ssdlite_jax.detector import Detector
@@ -86,7 +87,7 @@ def _append_postprocess(model, detector: Detector):
       "score_thresh": np.float32(cfg.score_thresh), "minus_one": np.float32(-1.0), "zero_f": np.float32(0.0),
       "k": np.array([k], np.int64), "k_scalar": np.int64(k), "d": np.array([d], np.int64),
       "one_i": np.int64(1), "zero_i": np.int64(0), "nms_max": np.array([k], np.int64),
-      "nms_iou": np.array([postprocess.float32_iou_threshold(cfg.nms_thresh)], np.float32),
+      "nms_iou": np.array([nms.float32_iou_threshold(cfg.nms_thresh)], np.float32),
       "nms_score": np.array([0.0], np.float32), "rank": np.arange(k, 0, -1, dtype=np.float32),
       "shape_idx": np.array([0, -1, 1], np.int64), "shape_nms_boxes": np.array([-1, k, 4], np.int64),
       "shape_nms_scores": np.array([-1, 1, k], np.int64), "shape_flat": np.array([-1], np.int64),

@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import numpy as np
 
+from ssdlite_jax import nms
 from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.export import NETWORK_SCOPE, mediapipe_metadata, network_and_decode
 from ssdlite_jax.detector import Detector
@@ -43,7 +44,7 @@ def select(boxes, logits, config, inclusive_nms: bool = True):
   [A, K] -> (boxes [D, 4] xyxy model px, class indices [D] int32 (label - 1), scores [D], valid [D] bool), zero
   where invalid, valid first by descending score. `inclusive_nms`: the graph runs on LiteRT, whose
   NON_MAX_SUPPRESSION_V5 suppresses at IoU >= its threshold (TensorFlow's kernel: IoU > it); either way the
-  threshold given makes the decision torchvision's (postprocess.float32_iou_threshold)."""
+  threshold given makes the decision torchvision's (nms.float32_iou_threshold)."""
   import tensorflow as tf
 
   num_fg = config.num_classes - 1
@@ -62,7 +63,7 @@ def select(boxes, logits, config, inclusive_nms: bool = True):
   # one again and again (its IoU with itself is 0, where any other box's is 1) until the output is full.
   rank = tf.cast(tf.range(k, 0, -1), tf.float32)
   nms_scores = tf.where(valid & ~zero_area, rank[None], -1.0)
-  threshold = float(postprocess.float32_iou_threshold(config.nms_thresh, inclusive_nms))
+  threshold = float(nms.float32_iou_threshold(config.nms_thresh, inclusive_nms))
   selected = []
   for c in range(num_fg):
     indices, _, count = tf.raw_ops.NonMaxSuppressionV5(

@@ -1,54 +1,18 @@
 """Detection post-processing as torchvision's SSD.postprocess_detections, batched with static shapes.
 
 Per image: softmax scores; boxes decoded from every anchor and clipped to the model input; for each
-foreground class, scores > score_thresh, top `topk_candidates`; exact per-class greedy NMS (suppress
-IoU > nms_thresh, the float32 IoU against the float64 threshold as torchvision's kernel; a zero-area box has
-IoU 0 or 0/0 = NaN with every box, so it never suppresses and is never suppressed); the best
-`detections_per_img` overall, sorted by descending score; boxes rescaled to the original image size.
+foreground class, scores > score_thresh, top `topk_candidates`; exact per-class greedy NMS (ssdlite_jax.nms);
+the best `detections_per_img` overall, sorted by descending score; boxes rescaled to the original image size.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from ssdlite_jax import box_coder, boxes as box_ops
-
-
-def float32_iou_threshold(threshold: float, inclusive: bool = False) -> np.float32:
-  """The float32 t for which a float32 IoU test `iou > t` (inclusive: `iou >= t`, as LiteRT's NMS) decides as
-  torchvision's NMS kernel, which compares the float32 IoU with the float64 `threshold`: t is the largest float32
-  <= threshold (inclusive: the next float32 above that). For 0.55, float32(0.55) is above 0.55, so an IoU of exactly
-  float32(0.55) is suppressed, which `iou > float32(0.55)` would keep."""
-  t = np.float32(threshold)
-  if float(t) > threshold:   # in float64 (numpy would compare in float32)
-    t = np.nextafter(t, np.float32(-np.inf))
-  return np.nextafter(t, np.float32(np.inf)) if inclusive else t
-
-
-def per_class_nms(boxes, valid, iou_threshold: float):
-  """Greedy NMS in each class independently.
-
-  boxes [C, T, 4] sorted by descending score within each class, valid [C, T] bool -> keep [C, T] bool.
-  The [C, T, T] "j is suppressed by i" mask is computed once up front (the IoU of torchvision's NMS
-  kernel); the sequential greedy pass then only ORs its rows, which makes the T-step loop ~4x cheaper
-  on CPU than computing IoUs inside it.
-  """
-  num = boxes.shape[1]
-  idx = jnp.arange(num)
-  threshold = float32_iou_threshold(iou_threshold)
-  overlaps = (box_ops.box_iou(boxes, boxes) > threshold) & (idx[None, :] > idx[:, None])[None]
-
-  def body(i, state):
-    keep, suppressed = state
-    keep_i = valid[:, i] & ~suppressed[:, i]
-    suppressed = suppressed | (keep_i[:, None] & overlaps[:, i])
-    return keep.at[:, i].set(keep_i), suppressed
-
-  keep, _ = lax.fori_loop(0, num, body, (jnp.zeros_like(valid), jnp.zeros_like(valid)))
-  return keep
+from ssdlite_jax.nms import per_class_nms
 
 
 def decode_boxes(bbox_regression, anchors, image_size, weights=box_coder.DEFAULT_WEIGHTS):

@@ -1,0 +1,102 @@
+"""The Faster R-CNN family behind the detector contract: fasterrcnn_mobilenet_v3_large_320_fpn and _fpn
+(rcnn.configs). Inference: transform (resize keeping the aspect ratio, padded canvas) -> body + FPN -> RPN head ->
+proposals per image -> RoIAlign on FPN level '0' (torchvision's MultiScaleRoIAlign maps every RoI there) -> box
+head -> detections, rescaled to the original image."""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Dict, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ssdlite_jax import kernels as kernels_lib
+from ssdlite_jax.detector import Detector
+from ssdlite_jax.dtypes import compute_dtype
+from ssdlite_jax.models.faster_rcnn import build_networks
+from ssdlite_jax.rcnn import anchors as anchors_lib, postprocess, proposals, roi_align, transform
+
+ROI_LEVEL = 0   # the pyramid level every RoI is pooled from
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FasterRCNNDetector(Detector):
+  """A Faster R-CNN MobileNetV3-Large FPN: `module` is models.faster_rcnn.FasterRCNNNetworks; inputs are
+  {"images": the normalised padded batch [B, H, W, 3], "image_sizes": int32 [B, 2] resized (h, w)}."""
+
+  def describe(self) -> str:
+    cfg = self.config
+    return (f"MobileNetV3-Large FPN ({'FrozenBatchNorm' if cfg.frozen_bn else 'BatchNorm'}) + Faster R-CNN heads, "
+            f"min/max size {cfg.min_size}/{cfg.max_size}")
+
+  def example_input(self) -> np.ndarray:
+    return np.zeros((1, 64, 64, 3), np.float32)
+
+  def prepare(self, sizes) -> Dict[str, Any]:
+    cfg = self.config
+    return transform.plan(sizes, cfg.min_size, cfg.max_size, cfg.size_divisible)
+
+  def transform(self, canvas, plan):
+    return {"images": transform.apply(canvas, plan, self.config.image_mean, self.config.image_std),
+            "image_sizes": plan["image_sizes"]}
+
+  def anchors(self, pyramid, canvas) -> np.ndarray:
+    """[A, 4] xyxy px of the (H, W) canvas for the pyramid's (static) grid sizes."""
+    return anchors_lib.grid_anchors([tuple(p.shape[1:3]) for p in pyramid], tuple(canvas), self.config.anchor_sizes,
+                                    self.config.aspect_ratios)
+
+  def propose(self, variables, inputs):
+    """inputs (transform's) -> (the pyramid, proposals {"boxes" [B, P, 4] xyxy px of the resized images, "scores"
+    [B, P], "valid" [B, P]}) as the RPN gives them at inference."""
+    cfg, net = self.config, self.module
+    images = inputs["images"]
+    pyramid = net.apply(variables, images, method="features")
+    objectness, deltas = net.apply(variables, pyramid, method="rpn")
+    level_sizes = [p.shape[1] * p.shape[2] * len(cfg.anchor_sizes) * len(cfg.aspect_ratios) for p in pyramid]
+    props = jax.vmap(functools.partial(
+        proposals.propose, anchors=jnp.asarray(self.anchors(pyramid, images.shape[1:3])), level_sizes=level_sizes,
+        pre_nms_top_n=cfg.rpn_pre_nms_top_n, post_nms_top_n=cfg.rpn_post_nms_top_n, nms_thresh=cfg.rpn_nms_thresh,
+        score_thresh=cfg.rpn_score_thresh))(objectness.astype(jnp.float32), deltas.astype(jnp.float32),
+                                            image_size=jnp.asarray(inputs["image_sizes"]).astype(jnp.float32))
+    return pyramid, props
+
+  def detect(self, variables, inputs, orig_sizes):
+    cfg = self.config
+    pyramid, props = self.propose(variables, inputs)
+    b, p = props["boxes"].shape[:2]
+    level = pyramid[ROI_LEVEL]
+    scale = 2.0 ** round(math.log2(level.shape[1] / inputs["images"].shape[1]))
+    rois = roi_align.roi_align(level, props["boxes"].reshape(b * p, 4), jnp.repeat(jnp.arange(b), p), scale)
+    logits, box_deltas = self.module.apply(variables, rois, method="box")
+    sizes = jnp.asarray(inputs["image_sizes"]).astype(jnp.float32)
+    dets = jax.vmap(functools.partial(
+        postprocess.detections, score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
+        detections_per_img=cfg.detections_per_img, weights=tuple(cfg.box_coder_weights)))(
+            logits.reshape(b, p, -1), box_deltas.reshape(b, p, -1, 4), props["boxes"], props["valid"], sizes)
+    ratio = jnp.asarray(orig_sizes, jnp.float32) / sizes                                     # [B, 2] (h, w)
+    return {**dets, "boxes": dets["boxes"] * jnp.stack([ratio[:, 1], ratio[:, 0]] * 2, axis=-1)[:, None]}
+
+  def loss(self, variables, batch, rng):
+    raise NotImplementedError("training the Faster R-CNN family is not built yet (issue #26): its RPN and RoI "
+                              "losses and samplers are missing")
+
+  def torchvision_modules(self) -> Dict[tuple, tuple]:
+    return self.module.torchvision_modules()
+
+  def imagenet_modules(self) -> Dict[tuple, tuple]:
+    return {("body",) + path: v for path, v in self.module.body.torchvision_modules(
+        "features", self.module.norm).items()}
+
+  def num_classes_of(self, state_dict: Mapping[str, np.ndarray]) -> int:
+    return int(np.shape(state_dict["roi_heads.box_predictor.cls_score.bias"])[0])
+
+
+def build(config: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None) -> FasterRCNNDetector:
+  """The Faster R-CNN a model config describes (rcnn.configs)."""
+  kernels = kernels_lib.resolve(config.kernels)
+  net = build_networks(config.num_classes, config.frozen_bn, kernels, compute_dtype(config.dtype), bn_axis_name,
+                       **config.backbone_kwargs.to_dict())
+  return FasterRCNNDetector(module=net, config=config, kernels=kernels, bn_axis_name=bn_axis_name)

@@ -1,0 +1,133 @@
+"""Faster R-CNN MobileNetV3-Large FPN end to end against live torchvision 0.29.1 (random weights, random BN
+statistics, class biases spread so that detections pass the 0.05 score threshold): the transform, the proposals
+per image and the final detections through the Predictor, on images whose resized short side comes out one pixel
+short, where max_size binds, portrait and landscape, alone and batched; porting both ways in both BN layouts."""
+
+import jax
+import numpy as np
+import pytest
+
+from ssdlite_jax import porting
+from ssdlite_jax.inference import Predictor
+from ssdlite_jax.loading import load_detector
+from ssdlite_jax.rcnn.configs import (fasterrcnn_mobilenet_v3_large_320_fpn_config,
+                                      fasterrcnn_mobilenet_v3_large_fpn_config)
+from ssdlite_jax.zoo import build_model
+from tests.helpers import assert_same_detections, import_or_skip
+from tests.torch_reference import smooth_images, state_dict_numpy, torch_fasterrcnn_mobilenet
+
+pytestmark = pytest.mark.torch
+# (h, w): 320x426 on a 320x448 canvas; 319x422 (one short); portrait 400x320; max_size binds: 640x128.
+SIZES = [(240, 320), (303, 400), (500, 400), (1000, 200)]
+
+
+def _uint8(h, w, seed):
+  return (smooth_images(1, h, w, seed=seed)[0] * 255).round().astype(np.uint8)
+
+
+def _pair(variant, frozen_bn=True, num_classes=91):
+  torch = import_or_skip("torch")
+  model = torch_fasterrcnn_mobilenet(variant, frozen_bn=frozen_bn, num_classes=num_classes)
+  with torch.no_grad():   # spread class scores: with random weights no softmax score passes 0.05
+    model.roi_heads.box_predictor.cls_score.bias.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(5))
+  config = (fasterrcnn_mobilenet_v3_large_320_fpn_config if variant == "320" else
+            fasterrcnn_mobilenet_v3_large_fpn_config)()
+  config.frozen_bn, config.num_classes = frozen_bn, num_classes
+  detector = build_model(config)
+  return model, detector, porting.torch_to_flax(state_dict_numpy(model), detector)
+
+
+@pytest.fixture(scope="module")
+def low_res():
+  return _pair("320")
+
+
+def _torch_inputs(images):
+  torch = import_or_skip("torch")
+  return [torch.from_numpy(im.transpose(2, 0, 1).astype(np.float32) / 255.0) for im in images]
+
+
+@pytest.mark.parametrize("batch", [[0], [1], [0, 2], [3]])
+def test_transform_and_proposals_match_torchvision(low_res, batch):
+  """The normalised padded batch (within 1e-5) and image_sizes (exact) of GeneralizedRCNNTransform; then the RPN's
+  proposals per image: the same count and the same boxes in the same order (within 1e-3 px)."""
+  torch = import_or_skip("torch")
+  model, detector, variables = low_res
+  images = [_uint8(*SIZES[i], seed=i) for i in batch]
+  sizes = [im.shape[:2] for im in images]
+  canvas = np.zeros((len(images), max(h for h, _ in sizes), max(w for _, w in sizes), 3), np.uint8)
+  for i, im in enumerate(images):
+    canvas[i, :im.shape[0], :im.shape[1]] = im
+  plan = detector.prepare(sizes)
+  inputs = jax.jit(detector.transform)(canvas, plan)
+  _, props = jax.jit(detector.propose)(variables, inputs)
+  with torch.no_grad():
+    image_list, _ = model.transform(_torch_inputs(images))
+    boxes, _ = model.rpn(image_list, model.backbone(image_list.tensors))
+  want = image_list.tensors.numpy().transpose(0, 2, 3, 1)
+  assert inputs["images"].shape == want.shape
+  np.testing.assert_allclose(inputs["images"], want, rtol=0, atol=1e-5)
+  assert [tuple(s) for s in np.asarray(inputs["image_sizes"])] == [tuple(s) for s in image_list.image_sizes]
+  for i, want_boxes in enumerate(boxes):
+    n = int(np.asarray(props["valid"][i]).sum())
+    assert n == len(want_boxes) > 0
+    np.testing.assert_allclose(np.asarray(props["boxes"][i, :n]), want_boxes.numpy(), rtol=0, atol=1e-3)
+    assert not np.asarray(props["boxes"][i, n:]).any()
+
+
+def _assert_same(got, want):
+  assert_same_detections((got["boxes"], got["labels"], got["scores"]),
+                         (want["boxes"].numpy(), want["labels"].numpy(), want["scores"].numpy()),
+                         score_atol=1e-5, box_atol=1e-3)
+
+
+def test_detections_match_torchvision_one_by_one_and_batched(low_res):
+  """Predictor detections (labels, scores within 1e-5, boxes within 1e-3 px of the original image) equal
+  model.eval()(images) for each image alone and for two of different sizes in one batch (torchvision's canvas
+  is the batch's: the same images give other features there, and so other detections)."""
+  torch = import_or_skip("torch")
+  model, detector, variables = low_res
+  images = [_uint8(*size, seed=i) for i, size in enumerate(SIZES)]
+  one, two = Predictor(detector, variables, batch_size=1), Predictor(detector, variables, batch_size=2)
+  with torch.no_grad():
+    alone = [model(_torch_inputs([im]))[0] for im in images]
+    batched = model(_torch_inputs(images[:2]))
+  for got, want in zip(one(images), alone):
+    _assert_same(got, want)
+  counts = [len(w["scores"]) for w in alone]
+  assert min(counts) > 0 and max(counts) == 100, counts   # below and at detections_per_img
+  for got, want in zip(two(images[:2]), batched):
+    _assert_same(got, want)
+
+
+def test_high_res_detections_match_torchvision():
+  """fasterrcnn_mobilenet_v3_large_fpn (800 / 1333, 1000 proposals): one 480x640 image -> 800x1066 on an
+  800x1088 canvas (the pool level's stride is 61), detections as model.eval()."""
+  torch = import_or_skip("torch")
+  model, detector, variables = _pair("hr")
+  image = _uint8(480, 640, seed=7)
+  with torch.no_grad():
+    want = model(_torch_inputs([image]))[0]
+  _assert_same(Predictor(detector, variables, batch_size=1)([image])[0], want)
+
+
+@pytest.mark.parametrize("frozen_bn,num_keys", [(True, 284), (False, 330)])
+def test_porting_both_ways_in_both_layouts(tmp_path, frozen_bn, num_keys):
+  """A torchvision state_dict in the released FrozenBatchNorm2d layout (284 keys) or weights=None's BatchNorm2d one
+  (330) loads from .pth and .safetensors with variant, layout and class count read from the keys (13 classes
+  here), and goes back with load_state_dict(strict=True), every tensor equal."""
+  torch = import_or_skip("torch")
+  model, detector, variables = _pair("320", frozen_bn=frozen_bn, num_classes=13)
+  state = state_dict_numpy(model)
+  assert len(state) == num_keys
+  for suffix in (".pth", ".safetensors"):
+    path = str(tmp_path / f"w{suffix}")
+    porting.save_state_dict(state, path)
+    loaded, got, _ = load_detector(path)
+    assert loaded.config.family == "rcnn" and loaded.config.frozen_bn == frozen_bn
+    assert loaded.config.num_classes == 13
+    back = porting.flax_to_torch(got, loaded)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+    assert list(back) == list(state)
+    for k in state:
+      np.testing.assert_array_equal(back[k], state[k], err_msg=k)
