@@ -44,6 +44,8 @@ class Detector:
   bn_axis_name: Optional[str] = None
 
   LOSS_TERMS: ClassVar[Mapping[str, str]] = {}   # {Loss.terms name: short name in the progress bar}
+  EXPORT_FORMATS: ClassVar[Tuple[str, ...]] = ()  # export.py's formats the family builds
+  SCORE_THRESH_FIELD: ClassVar[str] = "score_thresh"   # the config field of the detections' score threshold
 
   def __post_init__(self):  # a copy: the config as built, whatever later happens to the caller's
     object.__setattr__(self, "config", copy.deepcopy(self.config))
@@ -100,6 +102,16 @@ class Detector:
   def detect(self, variables: Variables, images, orig_sizes) -> Dict[str, Any]:
     """Model input [B, H, W, 3] in [0, 1], orig_sizes int32 [B, 2] (h, w) -> padded detections {boxes [B, D, 4]
     xyxy original px, scores [B, D], labels [B, D] int32, valid [B, D] bool} sorted by score."""
+    raise NotImplementedError
+
+  def serving(self, variables: Variables, input_size: Optional[Tuple[int, int]] = None):
+    """What the whole-function export formats (stablehlo) serialise: (fn with `variables` baked in, the argument
+    specs with batch dimension `b` = jax.export.symbolic_shape("b"), {input name: description}), for images of
+    `input_size` (h, w) where the family's program depends on it."""
+    raise NotImplementedError
+
+  def postprocess_settings(self) -> Dict[str, Any]:
+    """The config's post-processing fields (an export's metadata)."""
     raise NotImplementedError
 
   def torchvision_modules(self) -> Dict[tuple, tuple]:

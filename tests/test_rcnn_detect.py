@@ -131,3 +131,25 @@ def test_porting_both_ways_in_both_layouts(tmp_path, frozen_bn, num_keys):
     assert list(back) == list(state)
     for k in state:
       np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+
+
+def test_stablehlo_export_equals_the_predictor(low_res, tmp_path):
+  """export.py --format stablehlo --input-size 303x400 (resized to 319x422: one pixel short) writes a file whose
+  uint8-in function gives the Predictor's detections for a batch of two; the formats without RoIAlign refuse
+  with one line naming the format."""
+  from ssdlite_jax.cli import export as export_cli
+  _, detector, variables = low_res
+  weights = str(tmp_path / "frcnn.safetensors")
+  porting.save_state_dict(porting.flax_to_torch(variables, detector), weights)
+  out = str(tmp_path / "frcnn.jaxexport")
+  export_cli.main(["--torch-weights", weights, "--format", "stablehlo", "--input-size", "303x400", "--out", out])
+  images = [_uint8(303, 400, seed=1), _uint8(303, 400, seed=8)]
+  with open(out, "rb") as f:
+    got = jax.device_get(jax.export.deserialize(bytearray(f.read())).call(np.stack(images)))
+  for i, want in enumerate(Predictor(detector, variables)(images)):
+    n = int(got["valid"][i].sum())
+    assert n == len(want["scores"]) > 0
+    assert_same_detections((got["boxes"][i, :n], got["labels"][i, :n], got["scores"][i, :n]),
+                           (want["boxes"], want["labels"], want["scores"]), score_atol=1e-5, box_atol=1e-3)
+  with pytest.raises(SystemExit, match="--format tflite: the 'rcnn' family exports to stablehlo only"):
+    export_cli.main(["--torch-weights", weights, "--format", "tflite", "--out", str(tmp_path / "x.tflite")])

@@ -5,6 +5,8 @@
   python export.py --checkpoint DIR --format tflite-int8 --calibration-data configs/synthetic.py --out mine.tflite
   python export.py --checkpoint DIR --format saved_model --out models/mine/1
   python export.py --checkpoint DIR --format onnx --out mine.onnx   # in the venv of requirements-onnx.txt
+  python export.py --torch-weights fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth --format stablehlo \
+      --input-size 480x640 --out frcnn.jaxexport
 
 Writes OUT and OUT.json (metadata: classes, input/output layout, post-processing). Formats: stablehlo
 (jax.export, batch-polymorphic; ssdlite_jax/export/stablehlo.py says how to run it), tflite (LiteRT float32,
@@ -37,7 +39,9 @@ def main(argv=None):
   parser.add_argument("--out", required=True, help="file to write (and OUT.json)")
   parser.add_argument("--score-thresh", type=float, default=None, help="default: the model config's (0.001)")
   parser.add_argument("--max-detections", type=int, default=None, help="per image; default: the config's (300)")
-  parser.add_argument("--image-size", type=int, default=None, help="model input side; default: the config's")
+  parser.add_argument("--image-size", type=int, default=None, help="SSD: model input side; default: the config's")
+  parser.add_argument("--input-size", default=None,
+                      help="Faster R-CNN stablehlo: HxW of the images the file will take (default 480x640)")
   parser.add_argument("--calibration-data", default=None,
                       help="tflite-int8: a config file (e.g. configs/synthetic.py) whose data's train split calibrates")
   parser.add_argument("--calibration-images", type=int, default=200, help="tflite-int8: images to calibrate on")
@@ -52,12 +56,19 @@ def main(argv=None):
     source = args.checkpoint or args.torch_weights
     detector, variables, step = load_detector(source, step=args.step)
     module = FORMATS[args.format]
+    if args.format not in detector.EXPORT_FORMATS:
+      raise ValueError(f"--format {args.format}: the {detector.config.family!r} family exports to "
+                       f"{', '.join(detector.EXPORT_FORMATS)} only")
     detector = export_lib.with_overrides(detector, module.KERNELS, args.score_thresh, args.max_detections,
                                          args.image_size)
     if args.calibration_data:
       calibration = _calibration_images(args.calibration_data, args.calibration_images, detector.image_size)
       data, extras = module.export(detector, variables, calibration=calibration)
       extras["calibration"] = f"{len(calibration)} train images of {args.calibration_data}"
+    elif args.input_size:
+      if args.format != "stablehlo":
+        raise ValueError("--input-size applies to --format stablehlo")
+      data, extras = module.export(detector, variables, input_size=_size(args.input_size))
     else:
       data, extras = module.export(detector, variables)
     described = f"{source} (step {step})" if step is not None else source
@@ -71,6 +82,17 @@ def main(argv=None):
   except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:   # the last: a format's converter missing
     sys.exit(f"error: {e}")
   print(f"wrote {args.out} ({size / 1e6:.1f} MB, {args.format}) and {args.out}.json")
+
+
+def _size(text: str):
+  """(h, w) of an --input-size 'HxW'."""
+  try:
+    h, w = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"--input-size={text}: expected HxW, e.g. 480x640") from None
+  if h < 1 or w < 1:
+    raise ValueError(f"--input-size={text}: sides must be >= 1")
+  return h, w
 
 
 def load_config(path: str):

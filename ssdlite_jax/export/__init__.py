@@ -1,6 +1,7 @@
 """Deployment export of a detector with its weights baked in: one module per format.
 
-  stablehlo   `jax.export` of detect.detect (network + post-processing), batch-polymorphic (.jaxexport)
+  stablehlo   `jax.export` of the detect function (network + post-processing), batch-polymorphic (.jaxexport);
+              the only format of the Faster R-CNN family (its transform included, for one input size)
   tflite      LiteRT float32, batch 1, MediaPipe's 4-output SSD layout, TFLite builtin ops only (.tflite)
   tflite-int8 the same with an int8 network calibrated on the config's train images, uint8 input
   saved_model the tflite graph as a TensorFlow SavedModel directory (TF Serving), float32 input
@@ -38,12 +39,14 @@ def with_overrides(detector: Detector, kernels: str, score_thresh: Optional[floa
   if score_thresh is not None:
     if not 0.0 <= score_thresh < 1.0:
       raise ValueError(f"--score-thresh={score_thresh}: must be in [0, 1)")
-    cfg.score_thresh = float(score_thresh)
+    cfg[detector.SCORE_THRESH_FIELD] = float(score_thresh)
   if max_detections is not None:
     if max_detections < 1:
       raise ValueError(f"--max-detections={max_detections}: must be >= 1")
     cfg.detections_per_img = int(max_detections)
   if image_size is not None:
+    if "image_size" not in cfg:
+      raise ValueError(f"--image-size: a {cfg.family} model resizes each image to its own size (see --input-size)")
     if image_size < 32:
       raise ValueError(f"--image-size={image_size}: must be >= 32")
     cfg.image_size = int(image_size)
@@ -70,16 +73,11 @@ def network_and_decode(detector: Detector, variables):
 def metadata(detector: Detector, source: str, fmt: str, **extra) -> Dict[str, Any]:
   """What a runtime needs to know about an exported file (written next to it as JSON)."""
   cfg = detector.config
-  return {
-      "format": fmt,
-      "source": source,
-      "model": {"backbone": cfg.backbone, "head": cfg.head, "num_classes": cfg.num_classes,
-                "class_names": list(detector.class_names), "image_size": [cfg.image_size, cfg.image_size]},
-      "postprocess": {"score_thresh": cfg.score_thresh, "nms_thresh": cfg.nms_thresh,
-                      "topk_candidates": cfg.topk_candidates, "detections_per_img": cfg.detections_per_img,
-                      "box_coder_weights": list(cfg.box_coder_weights)},
-      **extra,
-  }
+  model = {"family": cfg.get("family", "ssd"), "backbone": cfg.backbone, "head": cfg.head,
+           "num_classes": cfg.num_classes, "class_names": list(detector.class_names)}
+  if "image_size" in cfg:
+    model["image_size"] = [cfg.image_size, cfg.image_size]
+  return {"format": fmt, "source": source, "model": model, "postprocess": detector.postprocess_settings(), **extra}
 
 
 def write_atomically(path: str, data: bytes, meta: Dict[str, Any]) -> None:

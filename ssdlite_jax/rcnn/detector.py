@@ -26,6 +26,9 @@ ROI_LEVEL = 0   # the pyramid level every RoI is pooled from
 class FasterRCNNDetector(Detector):
   """A Faster R-CNN MobileNetV3-Large FPN: `module` is models.faster_rcnn.FasterRCNNNetworks; inputs are
   {"images": the normalised padded batch [B, H, W, 3], "image_sizes": int32 [B, 2] resized (h, w)}."""
+  # RoIAlign and the proposals' data-dependent selection are built in JAX only: no LiteRT / ONNX graphs yet.
+  EXPORT_FORMATS = ("stablehlo",)
+  SCORE_THRESH_FIELD = "box_score_thresh"
 
   def describe(self) -> str:
     cfg = self.config
@@ -78,6 +81,26 @@ class FasterRCNNDetector(Detector):
             logits.reshape(b, p, -1), box_deltas.reshape(b, p, -1, 4), props["boxes"], props["valid"], sizes)
     ratio = jnp.asarray(orig_sizes, jnp.float32) / sizes                                     # [B, 2] (h, w)
     return {**dets, "boxes": dets["boxes"] * jnp.stack([ratio[:, 1], ratio[:, 0]] * 2, axis=-1)[:, None]}
+
+  def serving(self, variables, input_size=None):
+    """The transform included: uint8 RGB images [b, h, w, 3] of `input_size` (h, w) (default: 480 x 640), on
+    torchvision's canvas for that size, exactly as the Predictor runs them."""
+    h, w = input_size or (480, 640)
+    batch, = jax.export.symbolic_shape("b")
+    one = self.prepare([(h, w)])
+
+    def fn(images):
+      n = images.shape[0]
+      plan = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), one)
+      return self.detect(variables, self.transform(images, plan), jnp.broadcast_to(jnp.array([h, w]), (n, 2)))
+
+    return fn, [jax.ShapeDtypeStruct((batch, h, w, 3), jnp.uint8)], {
+        "images": ["b", h, w, 3, "uint8 RGB, unresized (the export resizes, normalises and pads as torchvision)"]}
+
+  def postprocess_settings(self) -> Dict[str, Any]:
+    cfg = self.config
+    return {k: cfg[k] for k in ("min_size", "max_size", "rpn_pre_nms_top_n", "rpn_post_nms_top_n", "rpn_nms_thresh",
+                                "rpn_score_thresh", "box_score_thresh", "box_nms_thresh", "detections_per_img")}
 
   def loss(self, variables, batch, rng):
     raise NotImplementedError("training the Faster R-CNN family is not built yet (issue #26): its RPN and RoI "

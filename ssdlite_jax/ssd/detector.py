@@ -34,6 +34,7 @@ HEADS = {"ssdlite": SSDLitePredictor, "ssd": SSDPredictor}
 class SSDDetector(Detector):
   """An SSD: `module` is models.ssd.SSD; inputs are resized to config.image_size squared."""
   LOSS_TERMS = {"classification": "cls", "bbox_regression": "box"}
+  EXPORT_FORMATS = ("stablehlo", "tflite", "tflite-int8", "saved_model", "onnx")
 
   @property
   def image_size(self) -> Tuple[int, int]:
@@ -85,6 +86,22 @@ class SSDDetector(Detector):
     out = self.module.apply(variables, images, train=False)
     return postprocess.postprocess(out["cls_logits"], out["bbox_regression"], jnp.asarray(self.anchors),
                                    orig_sizes, self.image_size, **self.postprocess_kwargs())
+
+  def serving(self, variables, input_size=None):
+    if input_size is not None:
+      raise ValueError("--input-size: an SSD export takes images already resized to the model size "
+                       "(--image-size sets that size)")
+    batch, = jax.export.symbolic_shape("b")
+    fn = lambda images, orig_sizes: self.detect(variables, images, orig_sizes)
+    args = [jax.ShapeDtypeStruct((batch,) + self.image_size + (3,), jnp.float32),
+            jax.ShapeDtypeStruct((batch, 2), jnp.int32)]
+    return fn, args, {"images": ["b", *self.image_size, 3, "float32 RGB in [0, 1], resized to the model size"],
+                      "orig_sizes": ["b", 2, "int32 (h, w) before the resize"]}
+
+  def postprocess_settings(self) -> Dict[str, Any]:
+    cfg = self.config
+    return {"score_thresh": cfg.score_thresh, "nms_thresh": cfg.nms_thresh, "topk_candidates": cfg.topk_candidates,
+            "detections_per_img": cfg.detections_per_img, "box_coder_weights": list(cfg.box_coder_weights)}
 
   def torchvision_modules(self) -> Dict[tuple, tuple]:
     out = {("backbone",) + k: ("backbone." + p, kind)
