@@ -74,7 +74,9 @@ def emit(result):
 
 # The variants torchvision has a builder for (torchvision.models.detection.<name>): benchmarked side by side.
 # Names only: a torch worker must not import jax (its peak RSS is measured).
-BUILDERS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16")
+BUILDERS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16", "fasterrcnn_mobilenet_v3_large_320_fpn",
+            "fasterrcnn_mobilenet_v3_large_fpn")
+TRAINABLE = BUILDERS[:2]   # Faster R-CNN's losses are issue #26
 
 
 def torchvision_detector(name: str, num_classes: int):

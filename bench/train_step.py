@@ -100,7 +100,7 @@ def _step_megabytes(memory):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--model", default="ssdlite320_mobilenet_v3_large", choices=common.BUILDERS)
+  p.add_argument("--model", default="ssdlite320_mobilenet_v3_large", choices=common.TRAINABLE)
   p.add_argument("--batch", type=int, default=24, help="per-device batch")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
