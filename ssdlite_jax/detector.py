@@ -67,6 +67,12 @@ class Detector:
       return tuple(coco_labels.coco_class_names())
     return tuple(str(i) for i in range(self.config.num_classes))
 
+  @property
+  def input_size(self) -> Optional[Tuple[int, int]]:
+    """(H, W) the data pipelines resize every image to, or None where the family's transform resizes each image
+    itself (then the pipelines hand it the decoded images)."""
+    return None
+
   def init(self, rng) -> Variables:
     """Fresh variables {"params", "batch_stats"} with torchvision's from-scratch initialisation (batch_stats
     {} for a model without BatchNorm). Under a trace (jax.eval_shape, an outer jit) it becomes part of that

@@ -35,20 +35,17 @@ def to_rgb_uint8(image, name: str = "image") -> np.ndarray:
   return np.ascontiguousarray(image[:, :, :3])
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 class Predictor:
   """Batched, jit-compiled inference. Images are padded to a canvas whose sides are multiples of
   `canvas_multiple`, so each distinct canvas size compiles once (once per process for equal detectors)."""
 
-  def __init__(self, detector: Detector, variables, batch_size: int = 8, canvas_multiple: int = 128):
+  def __init__(self, detector: Detector, variables, batch_size: int = 8,
+               canvas_multiple: int = detect.CANVAS_MULTIPLE):
     self.detector = detector
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
     self.canvas_multiple = canvas_multiple
-    self._detect = functools.partial(_jit_detect, detector=detector)
+    self._detect = functools.partial(detect.detect_canvas, detector=detector)
 
   @classmethod
   def from_torch(cls, path: str, model_config=None, **kwargs) -> "Predictor":
@@ -75,11 +72,7 @@ class Predictor:
 
   def _predict_batch(self, images):
     sizes = [im.shape[:2] for im in images]
-    canvas_h = _round_up(max(h for h, _ in sizes), self.canvas_multiple)
-    canvas_w = _round_up(max(w for _, w in sizes), self.canvas_multiple)
-    canvas = np.zeros((len(images), canvas_h, canvas_w, 3), np.uint8)
-    for i, im in enumerate(images):
-      canvas[i, :im.shape[0], :im.shape[1]] = im
+    canvas = detect.to_canvas(images, self.canvas_multiple)
     out = jax.device_get(self._detect(self.variables, canvas, self.detector.prepare(sizes),
                                       np.asarray(sizes, np.int32)))
     results = []
@@ -89,9 +82,3 @@ class Predictor:
                       "labels": out["labels"][i, :n].astype(np.int64)})
     return results
 
-
-@functools.partial(jax.jit, static_argnames="detector")
-def _jit_detect(variables, canvas, plan, orig_sizes, *, detector):
-  """uint8 canvas [B, Hc, Wc, 3] and the detector's input plan -> padded detections (see detect.detect); one jit
-  keyed on the detector's value, so Predictors of equal detectors share the compiled programs."""
-  return detect.detect(variables, detector.transform(canvas, plan), orig_sizes, detector=detector)

@@ -158,6 +158,9 @@ class Run:
 def train(config, workdir):
   """Trains (or resumes) `config` (configs/*.py's) in `workdir`; returns the final COCO metrics (None after a
   SIGTERM, which saves and returns)."""
+  if build_model(config.model).input_size is None:
+    raise ValueError(f"config.model.family={config.model.family!r}: training this family is not built yet "
+                     "(issue #26); eval.py, predict.py, port_weights.py and export.py --format stablehlo run it")
   tf.config.set_visible_devices([], "GPU")   # TensorFlow only reads data: the accelerators are JAX's
   # From the start: a SIGTERM during the set-up (data preparation, compiles) stops after the first step as well.
   stop = {"signal": None}
@@ -193,7 +196,7 @@ def train(config, workdir):
     state = checkpoint.restore_train_state(mngr, state, mngr.latest_step())
   start = int(state.step)
   data = pipeline.create_train_dataset(source, global_batch_size=config.batch_size,
-                                       image_size=detector.image_size, seed=config.seed, start_step=start)
+                                       image_size=detector.input_size, seed=config.seed, start_step=start)
   data = distributed.prefetch_to_mesh(data, mesh)
   if start < total_steps:
     # Compile before the first collective, then meet there together: a process that joins gloo's
@@ -203,7 +206,7 @@ def train(config, workdir):
     data = itertools.chain([first], data)
     distributed.wait_for_all_processes("train_step_compiled")
   eval_batches, _ = pipeline.create_eval_dataset(source, global_batch_size=config.eval_batch_size,
-                                                 image_size=detector.image_size)
+                                                 image_size=detector.input_size)
   logger = Logger(workdir, config.plots)
   val_examples, ground_truth = [], {}
   if jax.process_index() == 0:

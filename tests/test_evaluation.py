@@ -68,8 +68,15 @@ def evaluation_iou(a, b):
 def parity_setup(tmp_path_factory):
   """A PNG COCO folder whose GT is derived from a random torchvision SSDlite's own detections, its weights as
   a .pth and torchvision's COCO metrics on it."""
+  import_or_skip("torch")
+  return _parity_setup(random_torchvision_ssdlite(num_classes=NUM_CLASSES, seed=0), tmp_path_factory)
+
+
+def _parity_setup(model, tmp_path_factory, one_by_one=False):
+  """The COCO folder, weights and torchvision metrics of parity_setup for torchvision `model` (eval mode), run on
+  all images at once or, one_by_one, at batch 1 as torchvision's references evaluate (a Faster R-CNN's padded
+  canvas, and so its detections, depend on the batch)."""
   torch = import_or_skip("torch")
-  model = random_torchvision_ssdlite(num_classes=NUM_CLASSES, seed=0)
   root = str(tmp_path_factory.mktemp("parity"))
   os.makedirs(os.path.join(root, "val"))
   os.makedirs(os.path.join(root, "annotations"))
@@ -80,7 +87,7 @@ def parity_setup(tmp_path_factory):
     images.append({"id": i, "file_name": f"{i:04d}.png", "height": h, "width": w})
     tensors.append(torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float32) / 255.0))
   with torch.no_grad():
-    outputs = model(tensors)
+    outputs = [model([t])[0] for t in tensors] if one_by_one else model(tensors)
   categories = [{"id": c, "name": f"class{c}"} for c in range(1, NUM_CLASSES)]
   gt_json = os.path.join(root, "annotations", "instances_val.json")
   with open(gt_json, "w") as f:
@@ -328,3 +335,27 @@ def test_empty_detections_give_zeros(gapped_gt, tmp_path, caplog):
   assert "no detections" in caplog.text
   with open(tmp_path / "detections.json") as f:
     assert json.load(f) == []
+
+
+@pytest.mark.tf
+@pytest.mark.torch
+def test_faster_rcnn_eval_run_equals_torchvision(tmp_path_factory, tmp_path):
+  """eval.py on a fasterrcnn_mobilenet_v3_large_320_fpn state_dict (5 classes, class biases spread so that
+  detections pass 0.05): every image decoded at its own size (200..360 px) and resized by the detector's transform,
+  one per batch; the 12 COCO metrics within 1e-3 of torchvision + pycocotools on the same folder."""
+  torch = import_or_skip("torch")
+  from ssdlite_jax.cli import eval as eval_main
+  from ssdlite_jax.rcnn.configs import fasterrcnn_mobilenet_v3_large_320_fpn_config
+  from tests.torch_reference import torch_fasterrcnn_mobilenet
+  model = torch_fasterrcnn_mobilenet("320", num_classes=NUM_CLASSES)
+  with torch.no_grad():
+    model.roi_heads.box_predictor.cls_score.bias.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(5))
+  setup = _parity_setup(model, tmp_path_factory, one_by_one=True)
+  config = setup["config"]
+  config.model = fasterrcnn_mobilenet_v3_large_320_fpn_config()   # the weights are read as it describes them
+  metrics = eval_main.run(config, torch_weights=setup["weights"], out_dir=str(tmp_path / "out"))
+  reference = setup["reference"]
+  print("ours", metrics, "\ntorchvision", reference)
+  assert 0.1 < reference["AP"] < 0.9, reference   # 0.182: clearly between nothing and everything
+  for name in evaluation.METRIC_NAMES:
+    assert abs(metrics[name] - reference[name]) <= 1e-3, (name, metrics[name], reference[name])

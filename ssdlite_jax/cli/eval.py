@@ -58,7 +58,7 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
   """Evaluates and returns the 12 COCO metrics (see ssdlite_jax.evaluation); ValueError on bad arguments."""
   import jax
   from ssdlite_jax import evaluation
-  from ssdlite_jax.detect import make_detect_fn
+  from ssdlite_jax.detect import make_eval_fn
   from ssdlite_jax.data import pipeline
 
   # The model first: a wrong path fails at once, before a dataset is prepared.
@@ -73,14 +73,15 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
         "the data the model was trained for")
   if out_dir is None:
     out_dir = os.path.join(workdir, "eval") if workdir else "eval_out"
+  batch_size = config.eval_batch_size if detector.input_size else jax.process_count()   # else one image a batch
   batches, num_batches = pipeline.create_eval_dataset(
-      source, global_batch_size=config.eval_batch_size, image_size=detector.image_size)
+      source, global_batch_size=batch_size, image_size=detector.input_size)
   weights = torch_weights or f"checkpoint step {step}"
-  print(f"evaluating {weights} on {config.data.name} ({num_batches} batches of {config.eval_batch_size})",
+  print(f"evaluating {weights} on {config.data.name} ({num_batches} batches of {batch_size})",
         flush=True)
   plots = evaluation.EvalPlots(os.path.join(out_dir, "plots"), info.class_names,
                                pipeline.eval_examples(source, 16) if jax.process_index() == 0 else ())
-  metrics = evaluation.evaluate(make_detect_fn(detector), variables, batches, info.label_to_category_id,
+  metrics = evaluation.evaluate(make_eval_fn(detector), variables, batches, info.label_to_category_id,
                                 info.gt_json, out_dir, plots, config.plot_score_thresh)
   if jax.process_index() == 0:
     print(f"wrote {out_dir}/{{detections,metrics,per_class,confusion_matrix}}.json and {out_dir}/plots/",

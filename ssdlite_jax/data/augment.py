@@ -148,6 +148,7 @@ def resize(image, boxes, size):
 
 PRESETS = {
     "none": (),
+    "hflip": (random_horizontal_flip,),   # torchvision's --data-augmentation hflip (the Faster R-CNN recipe)
     "ssdlite": (random_iou_crop, random_horizontal_flip),
     "ssd": (random_photometric_distort, random_zoom_out, random_iou_crop, random_horizontal_flip),
 }

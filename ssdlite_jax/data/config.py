@@ -21,7 +21,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   eval_gt_json: COCO json to evaluate against; default: the val json (folders) or, for coco/2017, one written
     from TFDS (pass the official instances_val2017.json for exact areas).
   synthetic_seed, synthetic_num_train, synthetic_num_val: the embedded synthetic dataset.
-  augmentation: 'ssdlite' | 'ssd' | 'none' (training; evaluation never augments).
+  augmentation: 'ssdlite' | 'ssd' | 'hflip' | 'none' (training; evaluation never augments).
   max_boxes: boxes per image in a batch; an image with more is truncated with a logged warning.
   shuffle_buffer: examples (undecoded) in the per-epoch shuffle buffer.
   num_parallel_calls: decode/augment parallelism (-1 = tf.data.AUTOTUNE).

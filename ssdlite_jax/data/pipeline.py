@@ -1,7 +1,8 @@
 """tf.data input pipelines: deterministic, resumable training batches and padded evaluation batches.
 
 Batches are dicts of numpy arrays (B = per-process batch = global_batch_size // process_count):
-  image     float32 [B, H, W, 3] RGB in [0, 1], resized to image_size (H, W)
+  image     float32 [B, H, W, 3] RGB in [0, 1], resized to image_size (H, W) (eval with image_size None: uint8
+            [1, h, w, 3] as decoded, boxes in its pixels)
   boxes     float32 [B, max_boxes, 4] xyxy pixels of the resized image;  labels int32 [B, max_boxes]
   mask      bool [B, max_boxes], True for real boxes
   image_id  int64 [B] (-1 for eval padding);  orig_size int32 [B, 2] (height, width) of the stored image
@@ -107,11 +108,12 @@ def _example(source, ex, kind, size, max_boxes, seed):
   orig_size = tf.shape(image)[:2]
   bbox_xywh, labels, is_crowd = source.annotations(ex)
   boxes, labels = cleaning.clean_boxes(bbox_xywh, labels, is_crowd, orig_size[0], orig_size[1])
-  example = augment.augment({"image": image, "boxes": boxes, "labels": labels}, seed, kind, size)
-  image, boxes, labels = example["image"], example["boxes"], example["labels"]
+  if size is not None:
+    example = augment.augment({"image": image, "boxes": boxes, "labels": labels}, seed, kind, size)
+    image, boxes, labels = example["image"], example["boxes"], example["labels"]
+    image.set_shape(list(size) + [3])
   num = tf.shape(boxes)[0]
   kept = tf.minimum(num, max_boxes)
-  image.set_shape(list(size) + [3])
   return {
     "image": image,
     "boxes": tf.ensure_shape(tf.pad(boxes[:kept], [[0, max_boxes - kept], [0, 0]]), [max_boxes, 4]),
@@ -197,10 +199,15 @@ class _Batches:
 def create_eval_dataset(source: sources.Source, *, global_batch_size, image_size, process_index=None,
                         process_count=None):
   """(re-iterable eval batches of this process, num_batches): every image of the eval split exactly once
-  over all processes, in the prepared (TFDS) order, the last batch padded with valid=False examples."""
+  over all processes, in the prepared (TFDS) order, the last batch padded with valid=False examples.
+  image_size None: each image as decoded (uint8 [1, h, w, 3], its boxes in its own pixels), one per process and
+  batch (global_batch_size is then the process count), for a detector whose transform resizes per image."""
   cfg = source.config
   index, count, batch = _process(process_index, process_count, global_batch_size)
-  size = tuple(int(s) for s in image_size)
+  if image_size is None and batch != 1:
+    raise ValueError(f"unresized eval images go one per process and batch: global_batch_size={global_batch_size} "
+                     f"with {count} process(es)")
+  size = None if image_size is None else tuple(int(s) for s in image_size)
   splits = tfds.even_splits(source.info.eval_split, n=count)
   sizes = [source.builder.info.splits[s].num_examples for s in splits]
   num_batches = math.ceil(max(sizes) / batch)
@@ -209,7 +216,7 @@ def create_eval_dataset(source: sources.Source, *, global_batch_size, image_size
     lambda ex: {**_example(source, ex, "none", size, cfg.max_boxes, zero_seed), "valid": True},
     num_parallel_calls=_parallel(cfg), deterministic=True)
   pad = {
-    "image": tf.zeros(size + (3,), tf.float32),
+    "image": tf.zeros((1, 1, 3), tf.uint8) if size is None else tf.zeros(size + (3,), tf.float32),
     "boxes": tf.zeros([cfg.max_boxes, 4], tf.float32),
     "labels": tf.zeros([cfg.max_boxes], tf.int32),
     "mask": tf.zeros([cfg.max_boxes], tf.bool),

@@ -41,6 +41,10 @@ class SSDDetector(Detector):
     """(H, W) of the model input."""
     return (self.config.image_size, self.config.image_size)
 
+  @property
+  def input_size(self) -> Tuple[int, int]:
+    return self.image_size
+
   @functools.cached_property
   def anchors(self) -> np.ndarray:
     """[A, 4] xyxy px of the model input (float32; float64 for a float64 model), on the backbone's feature-map
