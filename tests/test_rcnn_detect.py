@@ -4,6 +4,7 @@ per image and the final detections through the Predictor, on images whose resize
 short, where max_size binds, portrait and landscape, alone and batched; porting both ways in both BN layouts."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -75,9 +76,32 @@ def test_transform_and_proposals_match_torchvision(low_res, batch):
     assert not np.asarray(props["boxes"][i, n:]).any()
 
 
-def _assert_same(got, want):
-  assert_same_detections((got["boxes"], got["labels"], got["scores"]),
-                         (want["boxes"].numpy(), want["labels"].numpy(), want["scores"].numpy()),
+def _iou(a, b):
+  wh = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None)
+  inter = wh[0] * wh[1]
+  return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _assert_same(got, want, near_ties=0):
+  """The same detections one to one (labels, scores within 1e-5, boxes within 1e-3 px), except at most `near_ties`
+  of ours whose NMS decision flipped: two overlapping candidates of one class whose scores differ by float32 noise
+  (the box head's 12,544-long dot products round differently, ~3e-7) keep the other one, so ours then has the
+  label and, within 1e-5, the score of one of torchvision's, with IoU >= 0.9 between the boxes: that one stands in
+  for it in the one-to-one match."""
+  want = {k: v.numpy() for k, v in want.items()}
+  boxes = np.array(got["boxes"])
+  flipped = 0
+  for i, (box, label, score) in enumerate(zip(got["boxes"], got["labels"], got["scores"])):
+    same = [j for j in range(len(want["scores"])) if want["labels"][j] == label
+            and abs(want["scores"][j] - score) <= 1e-5]
+    if any(np.abs(want["boxes"][j] - box).max() <= 1e-3 for j in same):
+      continue
+    twins = [j for j in same if _iou(want["boxes"][j], box) >= 0.9]
+    assert twins, (box, label, score)
+    boxes[i] = want["boxes"][twins[0]]
+    flipped += 1
+  assert flipped <= near_ties, flipped
+  assert_same_detections((boxes, got["labels"], got["scores"]), (want["boxes"], want["labels"], want["scores"]),
                          score_atol=1e-5, box_atol=1e-3)
 
 
@@ -100,15 +124,35 @@ def test_detections_match_torchvision_one_by_one_and_batched(low_res):
     _assert_same(got, want)
 
 
-def test_high_res_detections_match_torchvision():
-  """fasterrcnn_mobilenet_v3_large_fpn (800 / 1333, 1000 proposals): one 480x640 image -> 800x1066 on an
-  800x1088 canvas (the pool level's stride is 61), detections as model.eval()."""
+def test_high_res_proposals_and_detections_match_torchvision():
+  """fasterrcnn_mobilenet_v3_large_fpn (800 / 1333, 1000 proposals): one 480x640 image -> 800x1066 on an 800x1088
+  canvas (the pool level's stride is 61). The proposals are torchvision's set (its high-res NMS path sorts
+  unstably: here two of them tie in float32 probability and come out in the other order); given torchvision's
+  proposals in its order, our RoI stage gives its 100 detections, one of them the near-identical twin (IoU >= 0.9,
+  score within 1e-5) of torchvision's, the two candidates' scores 1.5e-7 apart and in the other order here."""
   torch = import_or_skip("torch")
   model, detector, variables = _pair("hr")
   image = _uint8(480, 640, seed=7)
   with torch.no_grad():
-    want = model(_torch_inputs([image]))[0]
-  _assert_same(Predictor(detector, variables, batch_size=1)([image])[0], want)
+    image_list, _ = model.transform(_torch_inputs([image]))
+    feats = model.backbone(image_list.tensors)
+    want_props, _ = model.rpn(image_list, feats)
+    want = model.transform.postprocess(model.roi_heads(feats, want_props, image_list.image_sizes)[0],
+                                       image_list.image_sizes, [image.shape[:2]])[0]
+  inputs = jax.jit(detector.transform)(image[None], detector.prepare([image.shape[:2]]))
+  assert tuple(np.asarray(inputs["image_sizes"])[0]) == (800, 1066) and inputs["images"].shape[1:3] == (800, 1088)
+  pyramid, props = jax.jit(detector.propose)(variables, inputs)
+  n = int(np.asarray(props["valid"]).sum())
+  theirs = want_props[0].numpy()
+  assert n == len(theirs) == 1000
+  ours = np.asarray(props["boxes"][0])
+  assert np.abs(ours[:, None] - theirs[None]).max(-1).min(0).max() < 1e-3      # every torch proposal is ours
+  torch_order = {"boxes": jnp.asarray(theirs)[None], "valid": jnp.ones((1, n), bool)}
+  got = jax.device_get(jax.jit(detector.roi_detections)(variables, pyramid, torch_order, inputs,
+                                                        np.array([image.shape[:2]], np.int32)))
+  k = int(got["valid"][0].sum())
+  _assert_same({"boxes": got["boxes"][0, :k], "labels": got["labels"][0, :k], "scores": got["scores"][0, :k]}, want,
+               near_ties=1)
 
 
 @pytest.mark.parametrize("frozen_bn,num_keys", [(True, 284), (False, 330)])

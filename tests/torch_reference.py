@@ -16,9 +16,10 @@ def random_torchvision_ssdlite(num_classes=91, seed=0):
   return _randomise_bn(model, 320, seed)
 
 
-def _randomise_bn(model, size, seed):
-  """`model` (an SSD) in eval mode with random BN affine parameters, running statistics of a calibration batch
-  (normalised as the model does) times a random factor on the variance, and random counters."""
+def _randomise_bn(model, size, seed, calibrate=lambda m, x: m.head(list(m.backbone(x).values()))):
+  """`model` (an SSD, or a Faster R-CNN with calibrate=backbone only) in eval mode with random BN affine parameters,
+  running statistics of a calibration batch (normalised as the model does; `calibrate(model, batch)` runs the BN
+  layers on it) times a random factor on the variance, and random counters."""
   torch = import_or_skip("torch")
   bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
   momentum = bns[0].momentum
@@ -30,8 +31,7 @@ def _randomise_bn(model, size, seed):
       m.bias.uniform_(-0.5, 0.5)
       m.momentum = 1.0  # running stats := the calibration batch's, so every layer stays non-degenerate
     model.train()
-    calib = (torch.from_numpy(smooth_images(4, size, size, seed).transpose(0, 3, 1, 2)) - mean) / std
-    model.head(list(model.backbone(calib).values()))
+    calibrate(model, (torch.from_numpy(smooth_images(4, size, size, seed).transpose(0, 3, 1, 2)) - mean) / std)
     model.eval()
     for m in bns:
       m.momentum = momentum
@@ -117,22 +117,8 @@ def torch_fasterrcnn_mobilenet(variant="320", frozen_bn=True, num_classes=91, se
   builder = {"320": faster_rcnn.fasterrcnn_mobilenet_v3_large_320_fpn,
              "hr": faster_rcnn.fasterrcnn_mobilenet_v3_large_fpn}[variant]
   torch.manual_seed(seed)
-  model = builder(weights=None, weights_backbone=None, num_classes=num_classes).eval()
-  bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  mean = torch.tensor(model.transform.image_mean)[:, None, None]
-  std = torch.tensor(model.transform.image_std)[:, None, None]
-  with torch.no_grad():
-    for m in bns:
-      m.weight.uniform_(0.5, 1.0)
-      m.bias.uniform_(-0.5, 0.5)
-      m.momentum = 1.0  # running stats := the calibration batch's
-    model.train()
-    model.backbone((torch.from_numpy(smooth_images(2, 320, 320, seed).transpose(0, 3, 1, 2)) - mean) / std)
-    model.eval()
-    for m in bns:
-      m.momentum = 0.1
-      m.running_var.mul_(torch.empty_like(m.running_var).uniform_(1.0, 1.5))
-      m.num_batches_tracked.fill_(int(torch.randint(0, 10**6, ())))
+  model = _randomise_bn(builder(weights=None, weights_backbone=None, num_classes=num_classes).eval(), 320, seed,
+                        calibrate=lambda m, x: m.backbone(x))
   if not frozen_bn:
     return model
   backbone = faster_rcnn._mobilenet_extractor(

@@ -67,8 +67,12 @@ class FasterRCNNDetector(Detector):
     return pyramid, props
 
   def detect(self, variables, inputs, orig_sizes):
-    cfg = self.config
     pyramid, props = self.propose(variables, inputs)
+    return self.roi_detections(variables, pyramid, props, inputs, orig_sizes)
+
+  def roi_detections(self, variables, pyramid, props, inputs, orig_sizes):
+    """The RoI heads' stage: pyramid and proposals (propose's) -> padded detections in original pixels (detect)."""
+    cfg = self.config
     b, p = props["boxes"].shape[:2]
     level = pyramid[ROI_LEVEL]
     scale = 2.0 ** round(math.log2(level.shape[1] / inputs["images"].shape[1]))
