@@ -87,6 +87,8 @@ def worker_jax(args):
   thr = common.time_calls(lambda: predn(list(images[:args.throughput_batch])), args.throughput_runs, 1)
   nd = len(pred1(list(images[:1]))[0]["scores"])
   split = _ssd_split(detector, variables, images, args.runs) if detector.config.family == "ssd" else {}
+  if split:
+    split["postprocess_share"] = split["postprocess_s"] / common.median(lat)
   return {"framework": "ours", "backend": jax.default_backend(), "latency_s": common.median(lat),
           "latency_min_s": min(lat), "throughput_batch": args.throughput_batch,
           "throughput_ips": args.throughput_batch / common.median(thr), "compile_bs1_s": compile1,
@@ -122,7 +124,7 @@ def main():
   if ours and "network_s" in ours:
     print(f"{'network only bs1 ms':<28}{ours['network_s'] * 1e3:>10.1f}")
     print(f"{'postprocess bs1 ms':<28}{ours['postprocess_s'] * 1e3:>10.1f}  "
-          f"({ours['postprocess_s'] / ours['latency_s'] * 100:.0f}% of end-to-end)")
+          f"({ours['postprocess_share'] * 100:.0f}% of end-to-end)")
   if ours:
     print(f"{'compile s bs1 / bs' + str(args.throughput_batch):<28}{ours['compile_bs1_s']:>10.1f}"
           f"{ours['compile_bs%d_s' % args.throughput_batch]:>14.1f}")

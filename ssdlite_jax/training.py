@@ -158,14 +158,14 @@ class Run:
 def train(config, workdir):
   """Trains (or resumes) `config` (configs/*.py's) in `workdir`; returns the final COCO metrics (None after a
   SIGTERM, which saves and returns)."""
-  if build_model(config.model).input_size is None:
-    raise ValueError(f"config.model.family={config.model.family!r}: training this family is not built yet "
-                     "(issue #26); eval.py, predict.py, port_weights.py and export.py --format stablehlo run it")
   tf.config.set_visible_devices([], "GPU")   # TensorFlow only reads data: the accelerators are JAX's
   # From the start: a SIGTERM during the set-up (data preparation, compiles) stops after the first step as well.
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  distributed.maybe_initialize_distributed()
+  distributed.maybe_initialize_distributed()   # before anything touches JAX's backend (build_model does)
+  if build_model(config.model).input_size is None:
+    raise ValueError(f"config.model.family={config.model.family!r}: training this family is not built yet "
+                     "(issue #26); eval.py, predict.py, port_weights.py and export.py --format stablehlo run it")
   os.makedirs(workdir, exist_ok=True)
   source = pipeline.open_source(config.data)
   info = source.info

@@ -152,7 +152,7 @@ def test_equal_detectors_share_compiled_programs():
   """Detectors compare and hash by value (the config as built, kernels, BN axis name): a second Predictor of the
   same model reuses the first one's compiled program, and a later change to the caller's config object does not
   change a built detector."""
-  from ssdlite_jax import inference
+  from ssdlite_jax import detect, inference
   config = tiny_model_config()
   first = build_model(config)
   config.num_classes = 5   # after the build
@@ -162,10 +162,10 @@ def test_equal_detectors_share_compiled_programs():
   assert first != build_model(tiny_model_config(), bn_axis_name="data")
   variables = first.init(jax.random.key(0))
   image = (smooth_images(1, 100, 120, seed=0)[0] * 255).round().astype(np.uint8)
-  programs = inference._jit_detect._cache_size()
+  programs = detect.detect_canvas._cache_size()
   got = inference.Predictor(first, variables)([image])[0]
-  assert inference._jit_detect._cache_size() == programs + 1
+  assert detect.detect_canvas._cache_size() == programs + 1
   again = inference.Predictor(second, variables)([image])[0]
-  assert inference._jit_detect._cache_size() == programs + 1   # no new program
+  assert detect.detect_canvas._cache_size() == programs + 1   # no new program
   for key in ("boxes", "scores", "labels"):
     np.testing.assert_array_equal(again[key], got[key])
