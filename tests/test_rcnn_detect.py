@@ -3,6 +3,8 @@ statistics, class biases spread so that detections pass the 0.05 score threshold
 per image and the final detections through the Predictor, on images whose resized short side comes out one pixel
 short, where max_size binds, portrait and landscape, alone and batched; porting both ways in both BN layouts."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from ssdlite_jax import porting
 from ssdlite_jax.inference import Predictor
 from ssdlite_jax.loading import load_detector
+from ssdlite_jax.rcnn import roi_align
 from ssdlite_jax.rcnn.configs import (fasterrcnn_mobilenet_v3_large_320_fpn_config,
                                       fasterrcnn_mobilenet_v3_large_fpn_config)
 from ssdlite_jax.zoo import build_model
@@ -126,10 +129,12 @@ def test_detections_match_torchvision_one_by_one_and_batched(low_res):
 
 def test_high_res_proposals_and_detections_match_torchvision():
   """fasterrcnn_mobilenet_v3_large_fpn (800 / 1333, 1000 proposals): one 480x640 image -> 800x1066 on an 800x1088
-  canvas (the pool level's stride is 61). The proposals are torchvision's set (its high-res NMS path sorts
-  unstably: here two of them tie in float32 probability and come out in the other order); given torchvision's
-  proposals in its order, our RoI stage gives its 100 detections, one of them the near-identical twin (IoU >= 0.9,
-  score within 1e-5) of torchvision's, the two candidates' scores 1.5e-7 apart and in the other order here."""
+  canvas (the pool level's stride is 61). The RoI features MultiScaleRoIAlign pools for its proposals, and the box
+  head's logits and deltas on them, within 2e-5 of their largest value. The proposals are torchvision's set (its
+  high-res NMS path sorts unstably: here two of them tie in float32 probability and come out in the other order);
+  given torchvision's proposals in its order, our RoI stage gives its 100 detections, one of them the near-
+  identical twin (IoU >= 0.9, score within 1e-5) of torchvision's, the two candidates' scores 1.5e-7 apart and in
+  the other order here."""
   torch = import_or_skip("torch")
   model, detector, variables = _pair("hr")
   image = _uint8(480, 640, seed=7)
@@ -147,6 +152,15 @@ def test_high_res_proposals_and_detections_match_torchvision():
   assert n == len(theirs) == 1000
   ours = np.asarray(props["boxes"][0])
   assert np.abs(ours[:, None] - theirs[None]).max(-1).min(0).max() < 1e-3      # every torch proposal is ours
+  with torch.no_grad():   # the RoI features MultiScaleRoIAlign pools for these proposals, and the box head's outputs
+    rois = model.roi_heads.box_roi_pool(feats, want_props, image_list.image_sizes)
+    want_logits, want_deltas = model.roi_heads.box_predictor(model.roi_heads.box_head(rois))
+  scale = 2.0 ** round(math.log2(pyramid[0].shape[1] / inputs["images"].shape[1]))
+  got_rois = roi_align.roi_align(pyramid[0], jnp.asarray(theirs), jnp.zeros(n, jnp.int32), scale)
+  logits, deltas = jax.jit(lambda v, x: detector.module.apply(v, x, method="box"))(variables, got_rois)
+  for got_x, want_x in ((got_rois, rois.numpy().transpose(0, 2, 3, 1)), (logits, want_logits.numpy()),
+                        (deltas, want_deltas.numpy().reshape(n, -1, 4))):
+    np.testing.assert_allclose(got_x, want_x, rtol=0, atol=2e-5 * np.abs(want_x).max())
   torch_order = {"boxes": jnp.asarray(theirs)[None], "valid": jnp.ones((1, n), bool)}
   got = jax.device_get(jax.jit(detector.roi_detections)(variables, pyramid, torch_order, inputs,
                                                         np.array([image.shape[:2]], np.int32)))
@@ -197,3 +211,40 @@ def test_stablehlo_export_equals_the_predictor(low_res, tmp_path):
                            (want["boxes"], want["labels"], want["scores"]), score_atol=1e-5, box_atol=1e-3)
   with pytest.raises(SystemExit, match="--format tflite: the 'rcnn' family exports to stablehlo only"):
     export_cli.main(["--torch-weights", weights, "--format", "tflite", "--out", str(tmp_path / "x.tflite")])
+
+
+def test_predict_and_port_weights_programs(low_res, tmp_path):
+  """predict.py on the .safetensors and on the checkpoint port_weights.py to-flax writes of it: the same JSON, the
+  Predictor's detections; port_weights.py to-torch gives a file torchvision's weights=None builder loads strictly,
+  every tensor as the original."""
+  torch = import_or_skip("torch")
+  import json
+  import PIL.Image
+  import torchvision
+  from ssdlite_jax.cli import port_weights, predict
+  _, detector, variables = low_res
+  weights, ckpt, back = str(tmp_path / "w.safetensors"), str(tmp_path / "ckpt"), str(tmp_path / "back.pth")
+  state = porting.flax_to_torch(variables, detector)
+  porting.save_state_dict(state, weights)
+  image = _uint8(303, 400, seed=1)
+  PIL.Image.fromarray(image).save(tmp_path / "a.png")
+  port_weights.main(["to-flax", "--torch", weights, "--out", ckpt])
+  outputs = []
+  for source in (["--torch-weights", weights], ["--checkpoint", ckpt]):
+    out = str(tmp_path / f"dets{len(outputs)}.json")
+    predict.main([*source, "--output", out, str(tmp_path / "a.png")])
+    with open(out) as f:
+      outputs.append(json.load(f))
+  assert outputs[0] == outputs[1]
+  want = Predictor(detector, variables)([image])[0]
+  got = outputs[0][0]
+  np.testing.assert_array_equal(got["labels"], want["labels"])
+  np.testing.assert_allclose(got["scores"], want["scores"], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(got["boxes"], want["boxes"], rtol=0, atol=1e-4)
+  port_weights.main(["to-torch", "--checkpoint", ckpt, "--out", back])
+  model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+  loaded = torch.load(back, weights_only=True)
+  model.load_state_dict(loaded, strict=True)
+  assert list(loaded) == list(state)
+  for k, v in state.items():
+    np.testing.assert_array_equal(loaded[k].numpy(), v, err_msg=k)

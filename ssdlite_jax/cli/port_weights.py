@@ -49,7 +49,9 @@ def to_torch(args):
   state_dict = porting.flax_to_torch(variables, detector)
   porting.save_state_dict(state_dict, args.out)
   name = variant_name(cfg)
-  if name in ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16"):
+  # torchvision's builders (the Faster R-CNNs' BatchNorm2d build also loads the FrozenBatchNorm2d layout strictly)
+  if name in ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16", "fasterrcnn_mobilenet_v3_large_320_fpn",
+              "fasterrcnn_mobilenet_v3_large_fpn"):
     how = (f"torchvision.models.detection.{name}(weights=None, weights_backbone=None, "
            f"num_classes={cfg.num_classes}).load_state_dict(...)")
   else:   # torchvision has no builder (README: The SSD family)
