@@ -95,3 +95,112 @@ def test_balanced_sample_is_uniform():
     mean, var = 2000 * p, 2000 * p * (1 - p)
     assert np.abs(counts - mean).max() < 5 * np.sqrt(var)
     assert 0.6 < ((counts - mean) ** 2 / var).mean() < 1.5
+
+
+def _gt(rs, counts, size=(320, 448), max_boxes=5):
+  boxes = np.zeros((len(counts), max_boxes, 4), np.float32)
+  labels = np.zeros((len(counts), max_boxes), np.int32)
+  for i, n in enumerate(counts):
+    xy = rs.uniform(0, [size[1] - 60, size[0] - 60], (n, 2))
+    boxes[i, :n] = np.concatenate([xy, xy + rs.uniform(12, 160, (n, 2))], axis=1)
+    labels[i, :n] = rs.randint(1, 91, n)
+  return boxes, labels, np.arange(max_boxes)[None] < np.asarray(counts)[:, None]
+
+
+@pytest.mark.torch
+def test_rpn_targets_loss_and_gradients_equal_torchvisions():
+  """On a 320x448 canvas's 4,725 anchors, two images with 3 and 1 ground-truth boxes (padded to 5): the labels and
+  the positives' regression targets of assign_targets_to_anchors + encode; with our sampled masks handed to its
+  fg_bg_sampler, compute_loss's two losses (1e-6) and their gradients in the logits and deltas (1e-6 of the
+  largest)."""
+  torch = import_or_skip("torch")
+  from ssdlite_jax.rcnn import anchors as anchors_lib, losses
+  from tests.torch_reference import torch_fasterrcnn_mobilenet
+  rpn = torch_fasterrcnn_mobilenet("320").rpn
+  anchors = anchors_lib.grid_anchors([(10, 14), (10, 14), (5, 7)], (320, 448), (32, 64, 128, 256, 512),
+                                     (0.5, 1.0, 2.0))
+  rs = np.random.RandomState(0)
+  boxes, _, valid = _gt(rs, [3, 1])
+  labels, targets = jax.vmap(losses.rpn_targets, in_axes=(0, 0, None))(boxes, valid, anchors)
+  pos, neg = jax.vmap(lambda k, lab: matcher.balanced_sample(k, lab == 1, lab == 0, 256, 0.5))(
+      jax.random.split(jax.random.key(2), 2), labels)
+  objectness = rs.randn(2, len(anchors)).astype(np.float32)
+  deltas = (0.3 * rs.randn(2, len(anchors), 4)).astype(np.float32)
+
+  t_anchors = [torch.from_numpy(anchors)] * 2
+  t_labels, matched = rpn.assign_targets_to_anchors(t_anchors, [{"boxes": torch.from_numpy(boxes[i, valid[i]])}
+                                                                for i in range(2)])
+  t_targets = rpn.box_coder.encode(matched, t_anchors)
+  np.testing.assert_array_equal(np.asarray(labels), torch.stack(t_labels).numpy())
+  positive = np.asarray(labels) == 1
+  assert 0 < positive.sum() and (np.asarray(labels) == -1).any()
+  np.testing.assert_allclose(np.asarray(targets)[positive], torch.cat(t_targets).numpy()[positive.reshape(-1)],
+                             rtol=0, atol=1e-5)
+  rpn.fg_bg_sampler = lambda _: ([torch.from_numpy(np.asarray(m, np.uint8)) for m in pos],
+                                 [torch.from_numpy(np.asarray(m, np.uint8)) for m in neg])
+  t_obj = torch.from_numpy(objectness.reshape(-1, 1)).requires_grad_()
+  t_del = torch.from_numpy(deltas.reshape(-1, 4)).requires_grad_()
+  t_loss = rpn.compute_loss(t_obj, t_del, t_labels, t_targets)
+  sum(t_loss).backward()
+
+  def total(o, d):
+    out = losses.rpn_loss(o, d, targets, pos, neg)
+    return out["loss_objectness"] + out["loss_rpn_box_reg"], out
+  (_, ours), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(objectness, deltas)
+  for got, want in zip((ours["loss_objectness"], ours["loss_rpn_box_reg"]), t_loss):
+    np.testing.assert_allclose(float(got), want.item(), rtol=1e-6)
+  assert float(ours["loss_rpn_box_reg"]) > 0
+  for got, want in zip(grads, (t_obj.grad.numpy().reshape(objectness.shape), t_del.grad.numpy().reshape(deltas.shape))):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.torch
+def test_roi_targets_loss_and_gradients_equal_torchvisions():
+  """64 proposals per image (the ground truth among them, as torchvision appends it), ground truth padded to 5,
+  an image without any: the labels and targets of assign_targets_to_proposals + encode; fastrcnn_loss on our 32
+  sampled RoIs of each image (8 positive at most) and its gradients (1e-6)."""
+  torch = import_or_skip("torch")
+  from torchvision.models.detection.roi_heads import fastrcnn_loss
+  from ssdlite_jax.rcnn import losses
+  from tests.torch_reference import torch_fasterrcnn_mobilenet
+  heads = torch_fasterrcnn_mobilenet("320").roi_heads
+  rs = np.random.RandomState(1)
+  boxes, gt_labels, valid = _gt(rs, [4, 0])
+  props = _gt(rs, [60, 60], max_boxes=60)[0]
+  props = np.concatenate([props, boxes[:, :4] + rs.uniform(-3, 3, (2, 4, 4)).astype(np.float32)], axis=1)  # 64
+  labels, targets = jax.vmap(losses.roi_targets)(boxes, gt_labels, valid, props)
+  pos, neg = jax.vmap(lambda k, lab: matcher.balanced_sample(k, lab > 0, lab == 0, 32, 0.25))(
+      jax.random.split(jax.random.key(3), 2), labels)
+  sampled = np.array(pos | neg)   # a writable copy: torch indexes with it
+  logits = rs.randn(2, 64, 91).astype(np.float32)
+  deltas = (0.3 * rs.randn(2, 64, 91, 4)).astype(np.float32)
+
+  t_props = [torch.from_numpy(np.array(p)) for p in props]
+  t_gt = [torch.from_numpy(boxes[i, valid[i]]) for i in range(2)]
+  idxs, t_labels = heads.assign_targets_to_proposals(t_props, t_gt, [torch.from_numpy(gt_labels[i, valid[i]]).long()
+                                                                      for i in range(2)])
+  np.testing.assert_array_equal(np.asarray(labels), torch.stack(t_labels).numpy())
+  assert (np.asarray(labels)[0] > 0).sum() >= 4 and not np.asarray(labels)[1].any()
+  t_targets = [heads.box_coder.encode_single(g[i.clamp(min=0)] if len(g) else torch.zeros_like(p), p)
+               for g, i, p in zip(t_gt, idxs, t_props)]
+  positive = np.asarray(labels) > 0
+  np.testing.assert_allclose(np.asarray(targets)[positive], torch.stack(t_targets).numpy()[positive], rtol=0, atol=1e-5)
+  t_logits = torch.from_numpy(logits[sampled]).requires_grad_()
+  t_deltas = torch.from_numpy(deltas[sampled].reshape(-1, 91 * 4)).requires_grad_()
+  t_loss = fastrcnn_loss(t_logits, t_deltas, [t_labels[i][sampled[i]] for i in range(2)],
+                         [t_targets[i][sampled[i]] for i in range(2)])
+  sum(t_loss).backward()
+
+  def total(lg, dl):
+    out = losses.roi_loss(lg, dl, labels, targets, sampled)
+    return out["loss_classifier"] + out["loss_box_reg"], out
+  (_, ours), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(logits, deltas)
+  for got, want in zip((ours["loss_classifier"], ours["loss_box_reg"]), t_loss):
+    np.testing.assert_allclose(float(got), want.item(), rtol=1e-6)
+  assert sampled.sum() == 64 and float(ours["loss_box_reg"]) > 0
+  g_logits, g_deltas = (np.asarray(g) for g in grads)
+  assert not g_logits[~sampled].any() and not g_deltas[~sampled].any()
+  np.testing.assert_allclose(g_logits[sampled], t_logits.grad.numpy(), rtol=0,
+                             atol=1e-6 * np.abs(t_logits.grad.numpy()).max())
+  np.testing.assert_allclose(g_deltas[sampled].reshape(-1, 91 * 4), t_deltas.grad.numpy(), rtol=0,
+                             atol=1e-6 * np.abs(t_deltas.grad.numpy()).max())
