@@ -11,7 +11,7 @@ from ssdlite_jax.detector import Detector
 
 
 def detect(variables, images, orig_sizes, *, detector: Detector):
-  """Model input [B, H, W, 3] in [0, 1], orig_sizes int32 [B, 2] (h, w) -> padded detections {boxes [B, D, 4]
+  """The model input (Detector.transform's), orig_sizes int32 [B, 2] (h, w) -> padded detections {boxes [B, D, 4]
   xyxy original px, scores [B, D], labels [B, D], valid [B, D]} (Detector.detect)."""
   return detector.detect(variables, images, orig_sizes)
 

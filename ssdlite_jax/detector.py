@@ -96,18 +96,20 @@ class Detector:
     raise NotImplementedError
 
   def transform(self, canvas, plan):
-    """uint8 canvas [B, Hc, Wc, 3] (images top-left aligned) and `prepare`'s plan -> the model input [B, H, W, 3]
-    float32 in [0, 1]."""
+    """uint8 canvas [B, Hc, Wc, 3] (images top-left aligned) and `prepare`'s plan -> the model input `detect` takes
+    (SSD: images [B, S, S, 3] float32 in [0, 1]; Faster R-CNN: {"images": the normalised padded batch,
+    "image_sizes"})."""
     raise NotImplementedError
 
   def loss(self, variables: Variables, batch: Dict[str, Any], rng) -> Loss:
-    """The training loss of a batch {"image" [B, H, W, 3] model input in [0, 1], "boxes" [B, M, 4] xyxy px of it,
-    "labels" [B, M] int32, "mask" [B, M] bool}, the model in train mode; `rng` for the family's sampling."""
+    """The training loss of a batch {"image" [B, H, W, 3] model input, "boxes" [B, M, 4] xyxy px of it, "labels"
+    [B, M] int32, "mask" [B, M] bool, and the family's own keys (Faster R-CNN: "image_size")}, the model in train
+    mode; `rng` for the family's sampling."""
     raise NotImplementedError
 
   def detect(self, variables: Variables, images, orig_sizes) -> Dict[str, Any]:
-    """Model input [B, H, W, 3] in [0, 1], orig_sizes int32 [B, 2] (h, w) -> padded detections {boxes [B, D, 4]
-    xyxy original px, scores [B, D], labels [B, D] int32, valid [B, D] bool} sorted by score."""
+    """The model input (transform's), orig_sizes int32 [B, 2] (h, w) -> padded detections {boxes [B, D, 4] xyxy
+    original px, scores [B, D], labels [B, D] int32, valid [B, D] bool} sorted by score."""
     raise NotImplementedError
 
   def serving(self, variables: Variables, input_size: Optional[Tuple[int, int]] = None):
