@@ -157,8 +157,9 @@ def test_rpn_targets_loss_and_gradients_equal_torchvisions():
 @pytest.mark.torch
 def test_roi_targets_loss_and_gradients_equal_torchvisions():
   """64 proposals per image (the ground truth among them, as torchvision appends it), ground truth padded to 5,
-  an image without any: the labels and targets of assign_targets_to_proposals + encode; fastrcnn_loss on our 32
-  sampled RoIs of each image (8 positive at most) and its gradients (1e-6)."""
+  an image without any, whose last candidate is a zero box (a padded ground truth, as losses() appends them): the
+  labels and targets of assign_targets_to_proposals + encode; fastrcnn_loss on our 32 sampled RoIs of each image
+  (8 positive at most) and its gradients (1e-6; the zero box's target would be NaN, and its gradient with it)."""
   torch = import_or_skip("torch")
   from torchvision.models.detection.roi_heads import fastrcnn_loss
   from ssdlite_jax.rcnn import losses
@@ -168,6 +169,7 @@ def test_roi_targets_loss_and_gradients_equal_torchvisions():
   boxes, gt_labels, valid = _gt(rs, [4, 0])
   props = _gt(rs, [60, 60], max_boxes=60)[0]
   props = np.concatenate([props, boxes[:, :4] + rs.uniform(-3, 3, (2, 4, 4)).astype(np.float32)], axis=1)  # 64
+  props[1, -1] = 0.0
   labels, targets = jax.vmap(losses.roi_targets)(boxes, gt_labels, valid, props)
   pos, neg = jax.vmap(lambda k, lab: matcher.balanced_sample(k, lab > 0, lab == 0, 32, 0.25))(
       jax.random.split(jax.random.key(3), 2), labels)
