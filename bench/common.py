@@ -76,7 +76,7 @@ def emit(result):
 # Names only: a torch worker must not import jax (its peak RSS is measured).
 BUILDERS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16", "fasterrcnn_mobilenet_v3_large_320_fpn",
             "fasterrcnn_mobilenet_v3_large_fpn")
-TRAINABLE = BUILDERS[:2]   # Faster R-CNN's losses are issue #26
+TRAINABLE = BUILDERS[:2]   # Faster R-CNN's step bench (variable-size batches) is still to come (#26)
 
 
 def torchvision_detector(name: str, num_classes: int):

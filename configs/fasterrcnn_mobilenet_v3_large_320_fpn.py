@@ -4,10 +4,14 @@ recipe (references/detection: 8 GPUs x 2 images, 26 epochs).
   python eval.py --config configs/fasterrcnn_mobilenet_v3_large_320_fpn.py \
       --torch-weights fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth --config.data.manual_dir=/data/coco_zips
 
-Evaluation, prediction, porting and stablehlo export run today; training (the RPN and RoI losses with their
-samplers, aspect-ratio batches) is issue #26, and train.py refuses this config in one line until then. The recipe
-below is torchvision's: SGD lr 0.02 at global batch 16, momentum 0.9, weight decay 1e-4, a 1000-iteration linear
-warmup from 0.001, MultiStepLR x0.1 at epochs 16 and 22; horizontal flip only. Each image is evaluated alone, at
+  python train.py --config configs/fasterrcnn_mobilenet_v3_large_320_fpn.py --workdir runs/frcnn320 \
+      --config.init_backbone_from=mobilenet_v3_large-8738ca79.pth
+
+Batches group images by aspect ratio (data.aspect_ratio_group_factor 3, torchvision's): one canvas and one compiled
+step per group. With init_backbone_from, features 0-6 stay frozen (model.trainable_backbone_layers None -> 3, as
+torchvision); from scratch everything trains. The recipe below is torchvision's: SGD lr 0.02 at global batch 16,
+momentum 0.9, weight decay 1e-4, a 1000-iteration linear warmup from 0.001, MultiStepLR x0.1 at epochs 16 and 22;
+horizontal flip only. Each image is evaluated alone, at
 its own size, as torchvision's references do (batch 1).
 """
 

@@ -46,6 +46,12 @@ def detect_canvas(variables, canvas, plan, orig_sizes, *, detector: Detector):
   return detect(variables, detector.transform(canvas, plan), orig_sizes, detector=detector)
 
 
+def eval_batch_size(detector: Detector, requested: int) -> int:
+  """The global eval batch: `requested` where the pipeline resizes to detector.input_size, else one image per
+  process (make_eval_fn)."""
+  return requested if detector.input_size is not None else jax.process_count()
+
+
 def make_eval_fn(detector: Detector) -> Callable:
   """fn(variables, images, orig_sizes) -> padded detections over the eval pipeline's batches: images resized to
   detector.input_size by the pipeline, or, for a detector without one, uint8 images as decoded (batch of 1 per

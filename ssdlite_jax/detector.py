@@ -44,6 +44,7 @@ class Detector:
   bn_axis_name: Optional[str] = None
 
   LOSS_TERMS: ClassVar[Mapping[str, str]] = {}   # {Loss.terms name: short name in the progress bar}
+  BATCH_KEYS: ClassVar[Tuple[str, ...]] = ("image", "boxes", "labels", "mask")   # the train batch `loss` reads
   EXPORT_FORMATS: ClassVar[Tuple[str, ...]] = ()  # export.py's formats the family builds
   SCORE_THRESH_FIELD: ClassVar[str] = "score_thresh"   # the config field of the detections' score threshold
 
@@ -72,6 +73,21 @@ class Detector:
     """(H, W) the data pipelines resize every image to, or None where the family's transform resizes each image
     itself (then the pipelines hand it the decoded images)."""
     return None
+
+  def resized_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
+    """(h', w') an image of `size` (h, w) becomes in the model input, where input_size is None: the training
+    pipeline resizes each image so and pads the batch to a canvas of multiples of `size_divisible`."""
+    raise NotImplementedError
+
+  @property
+  def size_divisible(self) -> int:
+    """The side multiple of the training canvas, where input_size is None."""
+    raise NotImplementedError
+
+  def frozen_modules(self, backbone_pretrained: bool) -> Tuple[str, ...]:
+    """Module paths ('body/stem') the recipe leaves out of the optimizer (optim.frozen adds to them), given whether
+    the backbone starts from ImageNet weights (torchvision's trainable_backbone_layers default depends on it)."""
+    return ()
 
   def init(self, rng) -> Variables:
     """Fresh variables {"params", "batch_stats"} with torchvision's from-scratch initialisation (batch_stats
@@ -102,8 +118,9 @@ class Detector:
     raise NotImplementedError
 
   def loss(self, variables: Variables, batch: Dict[str, Any], rng) -> Loss:
-    """The training loss of a batch {"image" [B, H, W, 3] model input, "boxes" [B, M, 4] xyxy px of it, "labels"
-    [B, M] int32, "mask" [B, M] bool, and the family's own keys (Faster R-CNN: "image_size")}, the model in train
+    """The training loss of a batch (BATCH_KEYS of the training pipeline's: "image" float32 [B, H, W, 3] in [0, 1],
+    "boxes" [B, M, 4] xyxy px of it, "labels" [B, M] int32, "mask" [B, M] bool, and the family's own keys: Faster
+    R-CNN's "image_size" int32 [B, 2], each image's resized (h, w) on the zero-padded canvas), the model in train
     mode; `rng` for the family's sampling."""
     raise NotImplementedError
 

@@ -26,8 +26,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ssdlite_jax.distributed import AXIS
 from ssdlite_jax.detector import Detector
 
-BATCH_KEYS = ("image", "boxes", "labels", "mask")
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -83,8 +81,9 @@ def make_train_step(detector: Detector, tx: optax.GradientTransformation,
                     ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
   """jit-compiled `step(state, batch) -> (state, metrics)`; `state` is donated.
 
-  batch: shard_batch output with "image" [B, H, W, 3] in [0, 1], "boxes" [B, M, 4] xyxy px,
-  "labels" [B, M] int32, "mask" [B, M] bool (other keys are ignored); B a multiple of the mesh size.
+  batch: shard_batch output with the detector's BATCH_KEYS ("image" [B, H, W, 3] in [0, 1], "boxes" [B, M, 4]
+  xyxy px, "labels" [B, M] int32, "mask" [B, M] bool, ...; other keys are ignored); B a multiple of the mesh size.
+  One program per batch shape (a family that resizes per image trains on one canvas per aspect-ratio group).
   The detector's module runs as built: built with bn_axis_name=distributed.AXIS, its BN statistics are
   over the whole batch (sync BN), else over each device's images.
   metrics (replicated scalars, left on device): loss (mean over devices), each of the detector's loss terms
@@ -127,6 +126,6 @@ def make_train_step(detector: Detector, tx: optax.GradientTransformation,
   sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
 
   def step(state, batch):
-    return sharded(state, {k: batch[k] for k in BATCH_KEYS})
+    return sharded(state, {k: batch[k] for k in detector.BATCH_KEYS})
 
   return jax.jit(step, donate_argnums=0)

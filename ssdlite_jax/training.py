@@ -23,13 +23,14 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
 from ssdlite_jax import checkpoint, distributed, evaluation, plots, porting, results, train_step as ts
 # before tensorflow: the data package says where TF comes from when it is missing
 from ssdlite_jax.data import coco_folder, pipeline, sources
-from ssdlite_jax.detect import make_detect_fn
+from ssdlite_jax.detect import eval_batch_size, make_eval_fn
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.detector import Detector
 from ssdlite_jax.zoo import build_model
@@ -163,9 +164,6 @@ def train(config, workdir):
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   distributed.maybe_initialize_distributed()   # before anything touches JAX's backend (build_model does)
-  if build_model(config.model).input_size is None:
-    raise ValueError(f"config.model.family={config.model.family!r}: training this family is not built yet "
-                     "(issue #26); eval.py, predict.py, port_weights.py and export.py --format stablehlo run it")
   os.makedirs(workdir, exist_ok=True)
   source = pipeline.open_source(config.data)
   info = source.info
@@ -182,10 +180,18 @@ def train(config, workdir):
   mesh = distributed.make_mesh()
   if config.batch_size % mesh.size:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices")
-  steps_per_epoch = max(1, pipeline.num_train_examples(source) // config.batch_size)
+  groups = None
+  if detector.input_size is None:   # the family resizes each image: aspect-ratio groups, one canvas each
+    groups = pipeline.aspect_ratio_groups(source, detector.resized_size, detector.size_divisible,
+                                          config.data.aspect_ratio_group_factor)
+    steps_per_epoch = max(1, groups.batches_per_epoch(config.batch_size))
+  else:
+    steps_per_epoch = max(1, pipeline.num_train_examples(source) // config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
+  config.optim.frozen = tuple(dict.fromkeys(
+      tuple(config.optim.frozen) + detector.frozen_modules(backbone_pretrained=bool(config.init_backbone_from))))
   tx, schedule = make_optimizer(config.optim, steps_per_epoch)
   rng = jax.random.key(config.seed)
   state = ts.create_train_state(detector, tx, rng, mesh, initial_variables(config, detector, rng))
@@ -196,17 +202,18 @@ def train(config, workdir):
     state = checkpoint.restore_train_state(mngr, state, mngr.latest_step())
   start = int(state.step)
   data = pipeline.create_train_dataset(source, global_batch_size=config.batch_size,
-                                       image_size=detector.input_size, seed=config.seed, start_step=start)
+                                       image_size=detector.input_size, seed=config.seed, start_step=start,
+                                       groups=groups)
   data = distributed.prefetch_to_mesh(data, mesh)
   if start < total_steps:
     # Compile before the first collective, then meet there together: a process that joins gloo's
     # rendezvous more than 30 s after another (still compiling) fails the whole run.
     first = next(data)
-    step_fn = step_fn.lower(state, first).compile()
+    step_fn = compile_train_step(step_fn, state, first, groups, config.batch_size)
     data = itertools.chain([first], data)
     distributed.wait_for_all_processes("train_step_compiled")
-  eval_batches, _ = pipeline.create_eval_dataset(source, global_batch_size=config.eval_batch_size,
-                                                 image_size=detector.input_size)
+  eval_batches, _ = pipeline.create_eval_dataset(
+      source, global_batch_size=eval_batch_size(detector, config.eval_batch_size), image_size=detector.input_size)
   logger = Logger(workdir, config.plots)
   val_examples, ground_truth = [], {}
   if jax.process_index() == 0:
@@ -215,10 +222,10 @@ def train(config, workdir):
                     if path}
     if config.plots:
       draw_labels(source, ground_truth.get("train"), os.path.join(workdir, "plots", "labels.png"))
-  run = Run(config, workdir, detector, source, step_fn, data, make_detect_fn(detector), eval_batches,
+  run = Run(config, workdir, detector, source, step_fn, data, make_eval_fn(detector), eval_batches,
             val_examples, mngr, logger, stop, steps_per_epoch, total_steps)
   for line in run_summary(config, workdir, source, ground_truth, detector, state, mesh, steps_per_epoch,
-                          total_steps, start):
+                          total_steps, start, groups):
     logging.info("%s", line)
   try:
     return _loop(run, state)
@@ -226,6 +233,26 @@ def train(config, workdir):
     mngr.wait_until_finished()
     mngr.close()
     logger.close()
+
+
+def compile_train_step(step_fn, state, first, groups, global_batch_size):
+  """The jitted step compiled for the first batch's shape or, with aspect-ratio groups, for each group's canvas (one
+  program each, logged), dispatched on the batch's canvas."""
+  if groups is None:
+    return step_fn.lower(state, first).compile()
+  spec = lambda x, shape: jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
+  programs = {}
+  for g, canvas in sorted(groups.canvases.items()):
+    if np.sum(groups.group == g) < global_batch_size:   # no full batch: never trained on
+      continue
+    start = time.time()
+    batch = jax.tree.map(lambda x: spec(x, x.shape), first)
+    image = first["image"]
+    batch["image"] = spec(image, image.shape[:1] + tuple(canvas) + image.shape[3:])
+    programs[tuple(canvas)] = step_fn.lower(state, batch).compile()
+    logging.info("train step compiled for the %dx%d canvas (aspect-ratio group %d) in %.0f s", *canvas, g,
+                 time.time() - start)
+  return lambda state, batch: programs[tuple(batch["image"].shape[1:3])](state, batch)
 
 
 def read_json(path):
@@ -243,9 +270,11 @@ def draw_labels(source, train_gt, path):
   plots.plot_labels(train_gt, path)
 
 
-def run_summary(config, workdir, source, ground_truth, detector, state, mesh, steps_per_epoch, total_steps, start):
+def run_summary(config, workdir, source, ground_truth, detector, state, mesh, steps_per_epoch, total_steps, start,
+                groups=None):
   """The start-up lines: where it runs, on what data (with ground_truth {split: COCO dict}: images, background
-  images and boxes per class), which model, how long, from where."""
+  images and boxes per class; with aspect-ratio groups their canvases), which model, how long, from where."""
+  size = detector.input_size or max(groups.canvases.values(), key=lambda hw: hw[0] * hw[1])
   variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.variables)
   splits = source.builder.info.splits
   optim = config.optim
@@ -257,9 +286,12 @@ def run_summary(config, workdir, source, ground_truth, detector, state, mesh, st
                   for name in (source.info.train_split, source.info.eval_split)),
       *(coco_folder.split_summary(f"  {split}", gt["images"], gt["annotations"], gt["categories"])
         for split, gt in ground_truth.items()),
+      *([f"  aspect-ratio groups (factor {config.data.aspect_ratio_group_factor}), a compiled step each: "
+         + groups.describe(config.batch_size)] if groups else []),
       f"model: {detector.describe()}, "
       f"{sum(x.size for x in jax.tree.leaves(variables['params'])):,} parameters, "
-      + (f"{forward_gflops(detector, variables):.2f} GFLOP per image (forward, XLA's count), "
+      + (f"{forward_gflops(detector, variables, size):.2f} GFLOP per {size[0]}x{size[1]} image (forward, XLA's "
+         "count), "
          if config.count_flops else "")
       + f"dtype {config.model.dtype}",
       f"schedule: global batch {config.batch_size}, {steps_per_epoch} steps per epoch, {total_steps} steps; "
@@ -274,9 +306,10 @@ def run_summary(config, workdir, source, ground_truth, detector, state, mesh, st
   return lines
 
 
-def forward_gflops(detector, variables) -> float:
-  """XLA's FLOP count of one image's forward pass, in GFLOP (nan where the backend gives none)."""
-  image = jax.ShapeDtypeStruct(detector.example_input().shape, jnp.float32)
+def forward_gflops(detector, variables, size) -> float:
+  """XLA's FLOP count of the network's forward pass on one (h, w) `size` image, in GFLOP (nan where the backend
+  gives none)."""
+  image = jax.ShapeDtypeStruct((1,) + tuple(size) + (3,), jnp.float32)
   cost = jax.jit(lambda v, x: detector.module.apply(v, x)).lower(variables, image).cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   return cost.get("flops", float("nan")) / 1e9

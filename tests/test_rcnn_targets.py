@@ -280,3 +280,33 @@ def test_the_four_losses_equal_torchvisions_train_forward():
   for name, value in want.items():
     np.testing.assert_allclose(float(terms[name]), value.item(), rtol=1e-5, err_msg=name)
   assert float(counts["roi_positives"]) == roi_pos.sum() > 0 and float(terms["loss_box_reg"]) > 0
+
+
+@pytest.mark.torch
+def test_frozen_backbone_stages_are_torchvisions():
+  """optim.frozen's share from the model: for trainable_backbone_layers 0..6 the parameters left out are those
+  torchvision's _mobilenet_extractor sets requires_grad=False (3 by default with ImageNet weights: features 0-6;
+  all trained from scratch)."""
+  import_or_skip("torch")
+  from torchvision.models import mobilenet_v3_large
+  from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+  from torchvision.ops import misc
+  from ssdlite_jax import porting
+  from ssdlite_jax.rcnn.configs import fasterrcnn_mobilenet_v3_large_320_fpn_config
+  from ssdlite_jax.zoo import build_model
+
+  def ours(trainable, pretrained=True):
+    config = fasterrcnn_mobilenet_v3_large_320_fpn_config()
+    config.trainable_backbone_layers = trainable
+    det = build_model(config)
+    prefixes = tuple(p + "/" for p in det.frozen_modules(backbone_pretrained=pretrained))
+    return {key for coll, path, key, _ in porting.key_map(det)
+            if coll == "params" and "/".join(path).startswith(prefixes)}
+
+  for t in range(7):
+    extractor = _mobilenet_extractor(mobilenet_v3_large(norm_layer=misc.FrozenBatchNorm2d), True, t)
+    want = {f"backbone.{k}" for k, p in extractor.named_parameters() if not p.requires_grad}
+    assert ours(t) == want, t
+    if t == 3:
+      assert ours(None) == want and max(int(k.split(".")[2]) for k in want) == 6
+  assert ours(None, pretrained=False) == set() and len(ours(0)) > len(ours(3)) > 0

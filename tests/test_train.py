@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -19,7 +20,7 @@ import pytest
 import ssdlite_jax
 from ssdlite_jax import checkpoint
 from ssdlite_jax.zoo import build_model
-from tests.helpers import train_command
+from tests.helpers import REPO, import_or_skip, train_command
 
 STEPS = 12   # two epochs of the 24 train images at batch 4
 
@@ -78,8 +79,8 @@ def test_short_run_trains_evaluates_and_logs(full_run, train_cli):
   # The start-up summary: 24 images / batch 4 = 6 steps per epoch; the 4-class model's parameter count.
   model = json.load(open(os.path.join(workdir, "config.json")))["model"]
   params = jax.eval_shape(build_model(ml_collections.ConfigDict(model)).init, jax.random.key(0))["params"]
-  assert re.search(f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, " r"\d+\.\d\d GFLOP per image",
-                   proc.stderr)
+  assert re.search(f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, "
+                   r"\d+\.\d\d GFLOP per 128x128 image", proc.stderr)
   assert "global batch 4, 6 steps per epoch, 12 steps; sgd lr 0.03" in proc.stderr
   with open(os.path.join(train_cli["data_dir"], next(d for d in os.listdir(train_cli["data_dir"])
                                                      if d.startswith("synthetic_shapes_")),
@@ -178,3 +179,51 @@ def test_non_finite_loss_stops_naming_the_step(train_cli, tmp_path):
   bad_step = int(proc.stderr.split("non-finite loss or gradient at step ")[1].split()[0])
   kept = [int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()]
   assert all(s < bad_step for s in kept)
+
+
+def test_faster_rcnn_trains_from_an_imagenet_backbone_with_its_stages_frozen(train_cli, tmp_path):
+  """fasterrcnn_mobilenet_v3_large_320_fpn's recipe through train.py on the synthetic set, small (width 0.25, 128 /
+  256 px, 300 train proposals): the backbone from a generated torchvision mobilenet_v3_large file, features 0-6
+  frozen (torchvision's default with ImageNet weights), one aspect-ratio group (480 x 640 -> 128 x 170 on a
+  128 x 192 canvas) and its compiled step, the four losses logged at every step and falling, evaluation at the end."""
+  torch = import_or_skip("torch")
+  torchvision = import_or_skip("torchvision")
+  torch.manual_seed(0)
+  imagenet = torchvision.models.mobilenet_v3_large(width_mult=0.25)
+  state = {k: v + 0.1 * torch.rand_like(v) if k.endswith("running_var") else v
+           for k, v in imagenet.state_dict().items()}
+  torch.save(state, tmp_path / "mobilenet_v3_large.pth")
+  steps = 8
+  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
+         os.path.join(REPO, "configs/fasterrcnn_mobilenet_v3_large_320_fpn.py"), "--workdir", str(tmp_path / "run"),
+         "--config.data.name=synthetic", f"--config.data.data_dir={train_cli['data_dir']}",
+         "--config.data.synthetic_num_train=24", "--config.data.synthetic_num_val=6", "--config.model.num_classes=4",
+         "--config.model.backbone_kwargs.width_mult=0.25", "--config.model.min_size=128", "--config.model.max_size=256",
+         "--config.model.rpn_pre_nms_top_n_train=300", "--config.model.rpn_post_nms_top_n_train=300",
+         f"--config.init_backbone_from={tmp_path / 'mobilenet_v3_large.pth'}", "--config.batch_size=4",
+         f"--config.max_steps={steps}", "--config.eval_every_epochs=0", "--config.log_every_steps=1",
+         "--config.optim.warmup_iters=0", "--config.plots=False", "--config.count_flops=False"]
+  proc = subprocess.run(cmd, env=train_cli["env"], capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  assert "aspect-ratio groups (factor 3), a compiled step each: 128x192 (24 images, 6 batches)" in proc.stderr
+  assert "train step compiled for the 128x192 canvas (aspect-ratio group 5)" in proc.stderr
+  assert "frozen: " + ", ".join(["body/stem"] + [f"body/block{i}" for i in range(1, 7)]) + "\n" in proc.stderr
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  train = [r for r in records if "train/loss" in r]
+  terms = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+  assert [r["step"] for r in train] == list(range(1, steps + 1))
+  for r in train:
+    assert r["train/loss"] == pytest.approx(sum(r[f"train/{t}"] for t in terms), rel=1e-5)
+    assert r["train/rpn_positives"] > 0 and r["train/roi_positives"] > 0
+  assert np.mean([r["train/loss"] for r in train[-3:]]) < 0.97 * train[0]["train/loss"], train
+  assert [r["step"] for r in records if "eval/AP" in r] == [steps]
+  # Frozen: the imported ImageNet tensors of features 0-6 are still exactly the file's; features 7+ moved off theirs.
+  variables, _, _ = checkpoint.load_variables(str(tmp_path / "run" / "checkpoints"))
+  body = variables["params"]["body"]
+  np.testing.assert_array_equal(np.asarray(body["stem"]["conv"]["kernel"]),
+                                state["features.0.0.weight"].numpy().transpose(2, 3, 1, 0))
+  for name, key in (("block6", "features.6.block.0.0.weight"), ("block7", "features.7.block.0.0.weight")):
+    got, file = np.asarray(body[name]["expand"]["conv"]["kernel"]), state[key].numpy().transpose(2, 3, 1, 0)
+    assert np.array_equal(got, file) == (name == "block6"), name
+  assert np.abs(got - file).max() < 0.05 * np.abs(file).max()   # imported, then trained a little

@@ -58,7 +58,7 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
   """Evaluates and returns the 12 COCO metrics (see ssdlite_jax.evaluation); ValueError on bad arguments."""
   import jax
   from ssdlite_jax import evaluation
-  from ssdlite_jax.detect import make_eval_fn
+  from ssdlite_jax.detect import eval_batch_size, make_eval_fn
   from ssdlite_jax.data import pipeline
 
   # The model first: a wrong path fails at once, before a dataset is prepared.
@@ -73,7 +73,7 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
         "the data the model was trained for")
   if out_dir is None:
     out_dir = os.path.join(workdir, "eval") if workdir else "eval_out"
-  batch_size = config.eval_batch_size if detector.input_size else jax.process_count()   # else one image a batch
+  batch_size = eval_batch_size(detector, config.eval_batch_size)
   batches, num_batches = pipeline.create_eval_dataset(
       source, global_batch_size=batch_size, image_size=detector.input_size)
   weights = torch_weights or f"checkpoint step {step}"

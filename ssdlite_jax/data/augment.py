@@ -134,7 +134,7 @@ def random_zoom_out(example, seed, p=0.5, side_range=(1.0, 4.0), fill=ZOOM_OUT_F
 
 
 def resize(image, boxes, size):
-  """The pipeline's one resize: bilinear, half-pixel centres, no antialias, to size (h, w).
+  """The pipeline's one resize: bilinear, half-pixel centres, no antialias, to size (h, w) (ints or an int tensor).
 
   Returns a float32 [h, w, 3] image in [0, 1] (uint8 input is scaled by 1/255) and boxes scaled per axis.
   """
@@ -142,7 +142,7 @@ def resize(image, boxes, size):
   out = tf.image.resize(image, size, method="bilinear", antialias=False)
   if image.dtype == tf.uint8:
     out = out * (1.0 / 255.0)
-  scale_y, scale_x = size[0] / shape[0], size[1] / shape[1]
+  scale_y, scale_x = tf.unstack(tf.cast(size, tf.float32) / shape)
   return out, boxes * tf.stack([scale_x, scale_y, scale_x, scale_y])
 
 

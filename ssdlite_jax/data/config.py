@@ -22,6 +22,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     from TFDS (pass the official instances_val2017.json for exact areas).
   synthetic_seed, synthetic_num_train, synthetic_num_val: the embedded synthetic dataset.
   augmentation: 'ssdlite' | 'ssd' | 'hflip' | 'none' (training; evaluation never augments).
+  aspect_ratio_group_factor: training a detector that resizes each image itself (Faster R-CNN), its batches group
+    images by w / h into 2k + 2 bins (torchvision's --aspect-ratio-group-factor, default 3), one canvas (compiled
+    program) each; -1: one group, one canvas.
   max_boxes: boxes per image in a batch; an image with more is truncated with a logged warning.
   shuffle_buffer: examples (undecoded) in the per-epoch shuffle buffer.
   num_parallel_calls: decode/augment parallelism (-1 = tf.data.AUTOTUNE).
@@ -45,6 +48,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     "synthetic_num_train": 1000,
     "synthetic_num_val": 100,
     "augmentation": "ssdlite",
+    "aspect_ratio_group_factor": 3,
     "max_boxes": 100,
     "shuffle_buffer": 2048,
     "num_parallel_calls": -1,

@@ -178,6 +178,11 @@ class MobileNetV3Body(nn.Module):
       outputs.append(x)
     return outputs
 
+  def feature_names(self) -> Tuple[str, ...]:
+    """The submodule of torchvision's features.{i}, by i."""
+    blocks, _ = large_config(self.width_mult, self.reduced_tail)
+    return ("stem",) + tuple(f"block{i}" for i in range(1, len(blocks) + 1)) + ("last_conv",)
+
   def torchvision_modules(self, prefix: str, norm: str) -> Dict[tuple, tuple]:
     """{flax module path: (torch prefix, kind)} with features.{i} at `prefix`.{i} ('backbone.body' in the detector,
     'features' in the ImageNet classifier); `norm` 'bn' or 'frozen_bn'."""

@@ -23,6 +23,8 @@ from ssdlite_jax.rcnn import anchors as anchors_lib, losses, matcher, postproces
 ROI_LEVEL = 0   # the pyramid level every RoI is pooled from
 RPN_BATCH, RPN_POSITIVE_FRACTION = 256, 0.5   # anchors sampled per image for the RPN's losses
 ROI_BATCH, ROI_POSITIVE_FRACTION = 512, 0.25  # RoIs sampled per image for the box head's losses
+# trainable stages t -> features frozen before this index: stage starts [0, 2, 4, 7, 13, 16]; t = 0 freezes all 17
+FREEZE_BEFORE = {0: 17, 1: 16, 2: 13, 3: 7, 4: 4, 5: 2, 6: 0}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -33,11 +35,28 @@ class FasterRCNNDetector(Detector):
   EXPORT_FORMATS = ("stablehlo",)
   SCORE_THRESH_FIELD = "box_score_thresh"
   LOSS_TERMS = {"loss_objectness": "obj", "loss_rpn_box_reg": "rpn", "loss_classifier": "cls", "loss_box_reg": "box"}
+  BATCH_KEYS = Detector.BATCH_KEYS + ("image_size",)
 
   def describe(self) -> str:
     cfg = self.config
     return (f"MobileNetV3-Large FPN ({'FrozenBatchNorm' if cfg.frozen_bn else 'BatchNorm'}) + Faster R-CNN heads, "
             f"min/max size {cfg.min_size}/{cfg.max_size}")
+
+  def resized_size(self, size):
+    return transform.resized_size(*size, self.config.min_size, self.config.max_size)
+
+  @property
+  def size_divisible(self) -> int:
+    return self.config.size_divisible
+
+  def frozen_modules(self, backbone_pretrained: bool):
+    """The body's features before stage_indices[6 - t] (t = trainable_backbone_layers; None: 3 from ImageNet
+    weights, else all 6, as torchvision): t = 3 leaves features 0-6 out."""
+    t = self.config.trainable_backbone_layers
+    t = (3 if backbone_pretrained else 6) if t is None else t
+    if not 0 <= t <= 6:
+      raise ValueError(f"model.trainable_backbone_layers={t}: 0..6")
+    return tuple(f"body/{name}" for name in self.module.body.feature_names()[:FREEZE_BEFORE[t]])
 
   def example_input(self) -> np.ndarray:
     return np.zeros((1, 64, 64, 3), np.float32)
@@ -125,7 +144,9 @@ class FasterRCNNDetector(Detector):
                                 "rpn_score_thresh", "box_score_thresh", "box_nms_thresh", "detections_per_img")}
 
   def loss(self, variables, batch, rng) -> Loss:
-    terms, counts, batch_stats = self.losses(variables, batch, rng)
+    cfg = self.config
+    images = transform.normalize(batch["image"], batch["image_size"], cfg.image_mean, cfg.image_std)
+    terms, counts, batch_stats = self.losses(variables, {**batch, "image": images}, rng)
     return Loss(total=sum(terms.values()), terms=terms, counts=counts, batch_stats=batch_stats)
 
   def losses(self, variables, batch, rng, masks=None):
