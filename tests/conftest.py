@@ -34,7 +34,7 @@ def pytest_unconfigure(config):
 # Modules marked tf as a whole that import TensorFlow at the top: a run that deselects tf tests (the current-JAX
 # CI line, which has no TensorFlow) does not import them either.
 TF_MODULES = {"test_data_augment.py", "test_data_coco2017.py", "test_data_coco_folder.py", "test_data_formats.py",
-              "test_data_pipeline.py"}
+              "test_data_pipeline.py", "test_data_groups.py"}
 
 
 # Modules marked onnx that need the ONNX venv (requirements-onnx.txt: jax2onnx, onnxruntime; no TensorFlow or

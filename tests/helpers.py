@@ -97,3 +97,33 @@ def assert_same_detections(got, want, score_atol, box_atol):
     fits = [(s + b, j) for s, b, j in gaps if s <= 1 and b <= 1]
     assert fits, (box, name, score)
     unmatched.remove(min(fits)[1])
+
+
+def assert_same_update(got, want, start, update_rtol, noise_rtol=0.0):
+  """Per tensor (pytrees or dicts of the same structure), in float64:
+  |got - want| <= 4 eps |want| + update_rtol max|want - start| + noise_rtol max over all tensors of |want - start|.
+
+  update_rtol bounds the error relative to the size of the step (an atol scaled by the params would hide a wrong
+  update); 4 eps covers the rounding of `param + update`; noise_rtol is for tensors whose update is zero in exact
+  arithmetic (the beta of a BN that feeds another BN through a linear conv, running means of zero-mean features):
+  their rounding is relative to the terms that cancel, i.e. to the step, not to the (zero) result.
+  """
+  import jax
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(got)]
+  got, want, start = (jax.tree.leaves(t) for t in (got, want, start))
+  step = max(float(np.max(np.abs(np.float64(b) - s))) for b, s in zip(want, start) if np.asarray(b).dtype.kind == "f")
+  for name, a, b, s in zip(names, got, want, start):
+    if np.asarray(b).dtype.kind != "f":   # num_batches_tracked
+      np.testing.assert_array_equal(a, b, err_msg=name)
+      continue
+    scale = np.max(np.abs(np.float64(b) - s))
+    np.testing.assert_allclose(a, b, rtol=4 * np.finfo(np.asarray(b).dtype).eps,
+                               atol=update_rtol * scale + noise_rtol * step, err_msg=name)
+
+
+def box_iou(a, b) -> float:
+  """IoU of two xyxy boxes (sequences of 4 numbers)."""
+  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  inter = iw * ih
+  return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)

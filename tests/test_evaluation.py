@@ -14,7 +14,7 @@ import pytest
 from configs import synthetic as synthetic_config
 from ssdlite_jax import evaluation, porting
 from ssdlite_jax.loading import load_detector
-from tests.helpers import REPO, import_or_skip, subprocess_env
+from tests.helpers import REPO, box_iou, import_or_skip, subprocess_env
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
 NUM_CLASSES = 5                                                 # background + category ids 1..4
@@ -43,7 +43,7 @@ def _ground_truth(outputs, rng):
     for k in range(len(boxes)):
       if len(chosen) == 4:
         break
-      if all(evaluation_iou(boxes[k], boxes[j]) < 0.5 for j in chosen):
+      if all(box_iou(boxes[k], boxes[j]) < 0.5 for j in chosen):
         chosen.append(k)
     objects = [(int(labels[k]), boxes[k] + rng.uniform(-4, 4, 4)) for k in chosen]
     x0, y0 = rng.uniform(0, w / 2), rng.uniform(0, h / 2)
@@ -55,13 +55,6 @@ def _ground_truth(outputs, rng):
       anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": label, "bbox": bbox,
                    "area": bbox[2] * bbox[3], "iscrowd": 0})
   return anns
-
-
-def evaluation_iou(a, b):
-  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = iw * ih
-  return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ssdlite_jax.rcnn import roi_align
 from ssdlite_jax.rcnn.configs import (fasterrcnn_mobilenet_v3_large_320_fpn_config,
                                       fasterrcnn_mobilenet_v3_large_fpn_config)
 from ssdlite_jax.zoo import build_model
-from tests.helpers import assert_same_detections, import_or_skip
+from tests.helpers import assert_same_detections, box_iou, import_or_skip
 from tests.torch_reference import smooth_images, state_dict_numpy, torch_fasterrcnn_mobilenet
 
 pytestmark = pytest.mark.torch
@@ -79,12 +79,6 @@ def test_transform_and_proposals_match_torchvision(low_res, batch):
     assert not np.asarray(props["boxes"][i, n:]).any()
 
 
-def _iou(a, b):
-  wh = np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None)
-  inter = wh[0] * wh[1]
-  return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def _assert_same(got, want, near_ties=0):
   """The same detections one to one (labels, scores within 1e-5, boxes within 1e-3 px), except at most `near_ties`
   of ours whose NMS decision flipped: two overlapping candidates of one class whose scores differ by float32 noise
@@ -99,7 +93,7 @@ def _assert_same(got, want, near_ties=0):
             and abs(want["scores"][j] - score) <= 1e-5]
     if any(np.abs(want["boxes"][j] - box).max() <= 1e-3 for j in same):
       continue
-    twins = [j for j in same if _iou(want["boxes"][j], box) >= 0.9]
+    twins = [j for j in same if box_iou(want["boxes"][j], box) >= 0.9]
     assert twins, (box, label, score)
     boxes[i] = want["boxes"][twins[0]]
     flipped += 1

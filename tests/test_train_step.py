@@ -19,8 +19,10 @@ from ssdlite_jax.zoo import build_model
 from ssdlite_jax.ssd.configs import ssdlite320_config
 from ssdlite_jax.distributed import AXIS, make_mesh, shard_batch
 from ssdlite_jax.train_step import create_train_state, make_train_step
-from tests.helpers import QUICK_COMPILE_OPTIONS, REPO, import_or_skip, subprocess_env, tiny_model_config
-from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy, to_nchw
+from tests.helpers import (QUICK_COMPILE_OPTIONS, REPO, assert_same_update, import_or_skip, subprocess_env,
+                           tiny_model_config)
+from tests.torch_reference import (random_torchvision_ssdlite, smooth_images, state_dict_numpy, to_nchw,
+                                   with_exact_hardsigmoid)
 
 NUM_DEVICES = 8
 # Up to 3 GT boxes per image (xyxy px of a 320 input) with COCO labels; [0, 0, 0, 0] rows are padding.
@@ -87,20 +89,6 @@ FLOAT32_MAX_RATIO = 2000.0     # every tensor: a few kink flips at most
 FLOAT32_MAX_COSINE_GAP = 3e-5  # 1 - cos(our update, torchvision's float64 update) over all tensors
 
 
-def _with_exact_hardsigmoid(model):
-  """torch's Hardsigmoid backward multiplies by float32(1/6) even in float64 (3e-8 off): the SE gates become
-  the same forward, relu6(x + 3) / 6, whose backward is exact."""
-  torch = import_or_skip("torch")
-
-  class ExactHardsigmoid(torch.nn.Module):
-    def forward(self, x):
-      return torch.nn.functional.relu6(x + 3) / 6
-  for m in model.modules():
-    if hasattr(m, "scale_activation"):   # torchvision's SqueezeExcitation
-      m.scale_activation = ExactHardsigmoid()
-  return model
-
-
 def _torch_sgd_step(dtype_name, images):
   """torchvision train mode from the seed-1 weights in `dtype_name`: one references/detection SGD step.
 
@@ -109,7 +97,7 @@ def _torch_sgd_step(dtype_name, images):
   dtype = getattr(torch, dtype_name)
   model = random_torchvision_ssdlite(seed=1).to(dtype).train()
   if dtype == torch.float64:
-    _with_exact_hardsigmoid(model)
+    with_exact_hardsigmoid(model)
   opt = torch.optim.SGD(model.parameters(), lr=0.15, momentum=0.9, weight_decay=4e-5)
   targets = [dict(boxes=torch.from_numpy(b[m]).to(dtype), labels=torch.from_numpy(c[m].astype(np.int64)))
              for b, c, m in zip(BOXES, LABELS, MASK)]
@@ -183,7 +171,7 @@ def test_sgd_step_float64_matches_torchvision(torch_steps, kernels):
   _assert_losses(metrics, torch_losses, rtol=1e-12)
   _assert_counts(ours, want, start)
   assert {v.dtype for k, v in ours.items() if "num_batches" not in k} == {np.dtype(np.float64)}
-  _assert_same_update(_float_tensors(ours), _float_tensors(want), _float_tensors(start), FLOAT64_UPDATE_RTOL,
+  assert_same_update(_float_tensors(ours), _float_tensors(want), _float_tensors(start), FLOAT64_UPDATE_RTOL,
                       FLOAT64_NOISE_RTOL)
 
 
@@ -249,27 +237,6 @@ def _tree_mean(trees):
   return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0).astype(xs[0].dtype), *trees)
 
 
-def _assert_same_update(got, want, start, update_rtol, noise_rtol=0.0):
-  """Per tensor (pytrees or dicts of the same structure), in float64:
-  |got - want| <= 4 eps |want| + update_rtol max|want - start| + noise_rtol max over all tensors of |want - start|.
-
-  update_rtol bounds the error relative to the size of the step (an atol scaled by the params would hide a wrong
-  update); 4 eps covers the rounding of `param + update`; noise_rtol is for tensors whose update is zero in exact
-  arithmetic (the beta of a BN that feeds another BN through a linear conv, running means of zero-mean features):
-  their rounding is relative to the terms that cancel, i.e. to the step, not to the (zero) result.
-  """
-  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(got)]
-  got, want, start = (jax.tree.leaves(t) for t in (got, want, start))
-  step = max(float(np.max(np.abs(np.float64(b) - s))) for b, s in zip(want, start) if np.asarray(b).dtype.kind == "f")
-  for name, a, b, s in zip(names, got, want, start):
-    if np.asarray(b).dtype.kind != "f":   # num_batches_tracked
-      np.testing.assert_array_equal(a, b, err_msg=name)
-      continue
-    scale = np.max(np.abs(np.float64(b) - s))
-    np.testing.assert_allclose(a, b, rtol=4 * np.finfo(np.asarray(b).dtype).eps,
-                               atol=update_rtol * scale + noise_rtol * step, err_msg=name)
-
-
 # The 8-device checks compare our step with itself under two layouts, in float64 so that only float64 rounding
 # separates them (in float32, at init, summation-order noise and kink flips move whole tensors by 1e-5 to 1e-2
 # of their update). Measured: DDP 8 x 8 images vs the mean of 8 single-device steps, and sync BN 8 x 2 vs one
@@ -300,7 +267,7 @@ def _multidevice_checks():
   state, metrics = run(step, mesh, batch)
   singles = [run(step1, mesh1, {k: v[8 * i:8 * i + 8] for k, v in batch.items()})
              for i in range(NUM_DEVICES)]
-  _assert_same_update(state.variables, _tree_mean([s.variables for s, _ in singles]), variables,
+  assert_same_update(state.variables, _tree_mean([s.variables for s, _ in singles]), variables,
                       DDP_UPDATE_RTOL, DDP_NOISE_RTOL)
   for k in ("loss", "bbox_regression", "classification"):
     np.testing.assert_allclose(metrics[k], np.mean([m[k] for _, m in singles]), rtol=1e-12)
@@ -311,7 +278,7 @@ def _multidevice_checks():
   batch = _small_batch(2 * NUM_DEVICES, seed=6, dtype=np.float64)
   state_sync, metrics_sync = run(step_sync, mesh, batch)
   state_whole, metrics_whole = run(step1, mesh1, batch)
-  _assert_same_update(state_sync.variables, state_whole.variables, variables, DDP_UPDATE_RTOL, DDP_NOISE_RTOL)
+  assert_same_update(state_sync.variables, state_whole.variables, variables, DDP_UPDATE_RTOL, DDP_NOISE_RTOL)
   for k in ("loss", "num_positives", "grad_norm"):
     np.testing.assert_allclose(metrics_sync[k], metrics_whole[k], rtol=1e-12)
 

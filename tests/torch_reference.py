@@ -127,3 +127,17 @@ def torch_fasterrcnn_mobilenet(variant="320", frozen_bn=True, num_classes=91, se
   frozen = faster_rcnn.FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **settings).eval()
   frozen.load_state_dict(model.state_dict())   # FrozenBatchNorm2d drops num_batches_tracked
   return frozen
+
+
+def with_exact_hardsigmoid(model):
+  """torch's Hardsigmoid backward multiplies by float32(1/6) even in float64 (3e-8 off): the SE gates become
+  the same forward, relu6(x + 3) / 6, whose backward is exact."""
+  torch = import_or_skip("torch")
+
+  class ExactHardsigmoid(torch.nn.Module):
+    def forward(self, x):
+      return torch.nn.functional.relu6(x + 3) / 6
+  for m in model.modules():
+    if hasattr(m, "scale_activation"):   # torchvision's SqueezeExcitation
+      m.scale_activation = ExactHardsigmoid()
+  return model
