@@ -16,7 +16,7 @@ import numpy as np
 
 from ssdlite_jax import kernels as kernels_lib
 from ssdlite_jax.detector import Detector, Loss
-from ssdlite_jax.dtypes import compute_dtype
+from ssdlite_jax.dtypes import compute_dtype, wide_dtype
 from ssdlite_jax.models.faster_rcnn import build_networks
 from ssdlite_jax.rcnn import anchors as anchors_lib, losses, matcher, postprocess, proposals, roi_align, transform
 
@@ -82,11 +82,12 @@ class FasterRCNNDetector(Detector):
                  else (cfg.rpn_pre_nms_top_n, cfg.rpn_post_nms_top_n))
     anchors = self.anchors(pyramid, canvas)
     level_sizes = [p.shape[1] * p.shape[2] * len(cfg.anchor_sizes) * len(cfg.aspect_ratios) for p in pyramid]
+    wide = wide_dtype(objectness.dtype)
     props = jax.vmap(functools.partial(
         proposals.propose, anchors=jnp.asarray(anchors), level_sizes=level_sizes, pre_nms_top_n=pre,
         post_nms_top_n=post, nms_thresh=cfg.rpn_nms_thresh, score_thresh=cfg.rpn_score_thresh))(
-            lax.stop_gradient(objectness).astype(jnp.float32), lax.stop_gradient(deltas).astype(jnp.float32),
-            image_size=jnp.asarray(image_sizes).astype(jnp.float32))
+            lax.stop_gradient(objectness).astype(wide), lax.stop_gradient(deltas).astype(wide),
+            image_size=jnp.asarray(image_sizes).astype(wide))
     return anchors, props
 
   def propose(self, variables, inputs):

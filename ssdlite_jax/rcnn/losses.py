@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ssdlite_jax import box_coder
+from ssdlite_jax.dtypes import wide_dtype
 from ssdlite_jax.rcnn import matcher
 from ssdlite_jax.rcnn.proposals import RPN_WEIGHTS
 
@@ -43,12 +44,13 @@ def rpn_targets(gt_boxes, gt_valid, anchors) -> Tuple[jax.Array, jax.Array]:
 
 def rpn_loss(objectness, deltas, targets, sampled_pos, sampled_neg) -> Dict[str, jax.Array]:
   """objectness [B, A] logits, deltas [B, A, 4], targets [B, A, 4], sampled_pos / sampled_neg [B, A] bool ->
-  {"loss_objectness", "loss_rpn_box_reg"} (scalars; float32)."""
+  {"loss_objectness", "loss_rpn_box_reg"} (scalars; float32, float64 for float64 inputs)."""
+  wide = wide_dtype(objectness.dtype)
   sampled = sampled_pos | sampled_neg
-  count = jnp.maximum(sampled.sum(), 1).astype(jnp.float32)
-  x, y = objectness.astype(jnp.float32), sampled_pos.astype(jnp.float32)
+  count = jnp.maximum(sampled.sum(), 1).astype(wide)
+  x, y = objectness.astype(wide), sampled_pos.astype(wide)
   bce = jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
-  box = smooth_l1(deltas.astype(jnp.float32) - targets)
+  box = smooth_l1(deltas.astype(wide) - targets)
   return {"loss_objectness": jnp.sum(jnp.where(sampled, bce, 0.0)) / count,
           "loss_rpn_box_reg": jnp.sum(jnp.where(sampled_pos[..., None], box, 0.0)) / count}
 
@@ -63,11 +65,12 @@ def roi_targets(gt_boxes, gt_labels, gt_valid, proposals, weights=box_coder.DEFA
 
 def roi_loss(class_logits, box_deltas, labels, targets, sampled) -> Dict[str, jax.Array]:
   """class_logits [B, R, K], box_deltas [B, R, K, 4], labels [B, R] int, targets [B, R, 4], sampled [B, R] bool ->
-  {"loss_classifier", "loss_box_reg"} (scalars; float32)."""
-  count = jnp.maximum(sampled.sum(), 1).astype(jnp.float32)
-  logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)
+  {"loss_classifier", "loss_box_reg"} (scalars; float32, float64 for float64 inputs)."""
+  wide = wide_dtype(class_logits.dtype)
+  count = jnp.maximum(sampled.sum(), 1).astype(wide)
+  logp = jax.nn.log_softmax(class_logits.astype(wide), axis=-1)
   ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-  own = jnp.take_along_axis(box_deltas.astype(jnp.float32), labels[..., None, None], axis=-2)[..., 0, :]
+  own = jnp.take_along_axis(box_deltas.astype(wide), labels[..., None, None], axis=-2)[..., 0, :]
   positive = sampled & (labels > 0)
   box = smooth_l1(own - targets)
   return {"loss_classifier": jnp.sum(jnp.where(sampled, ce, 0.0)) / count,
