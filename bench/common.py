@@ -76,7 +76,6 @@ def emit(result):
 # Names only: a torch worker must not import jax (its peak RSS is measured).
 BUILDERS = ("ssdlite320_mobilenet_v3_large", "ssd300_vgg16", "fasterrcnn_mobilenet_v3_large_320_fpn",
             "fasterrcnn_mobilenet_v3_large_fpn")
-TRAINABLE = BUILDERS[:2]   # Faster R-CNN's step bench (variable-size batches) is still to come (#26)
 
 
 def torchvision_detector(name: str, num_classes: int):
@@ -86,11 +85,20 @@ def torchvision_detector(name: str, num_classes: int):
 
 
 def our_model_config(name: str, num_classes: int):
-  """The registered model config of variant `name` with `num_classes`."""
+  """The registered model config of variant `name` with `num_classes`, as torchvision_detector builds it (Faster
+  R-CNN: BatchNorm2d, the weights=None layout)."""
   from ssdlite_jax.zoo import TORCHVISION_VARIANTS
   cfg = TORCHVISION_VARIANTS[name]()
   cfg.num_classes = num_classes
+  if "frozen_bn" in cfg:
+    cfg.frozen_bn = False
   return cfg
+
+
+def input_side(cfg) -> int:
+  """The side of the square synthetic images a model config is benchmarked on: SSD's input size, Faster R-CNN's
+  min_size (its transform then keeps the image as it is, on a canvas of the same size)."""
+  return cfg.image_size if "image_size" in cfg else cfg.min_size
 
 
 def recipe_optimizer(batch: int):

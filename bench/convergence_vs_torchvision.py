@@ -1,11 +1,18 @@
-"""Convergence side by side: ours (train.py) vs torchvision's ssdlite320 trained on the same data.
+"""Convergence side by side: ours (train.py) vs torchvision trained on the same data, same recipe, same steps.
 
-  python -m bench.convergence_vs_torchvision [--steps 625] [--batch 8] [--data_dir ~/tensorflow_datasets]
+  python -m bench.convergence_vs_torchvision [--model ssdlite320_mobilenet_v3_large] [--steps 625] [--batch 8]
+                                             [--data_dir ~/tensorflow_datasets]
+  python -m bench.convergence_vs_torchvision --model fasterrcnn_mobilenet_v3_large_320_fpn --steps 500 --batch 4
 
-Both train from scratch on the embedded synthetic COCO-format folder with the same recipe as
-configs/synthetic.py (AdamW lr 2e-3, wd 1e-4, linear warmup from 0.001x over 100 steps, per-step cosine to 0,
-`ssdlite` augmentation: RandomIoUCrop + horizontal flip) for the same number of steps and batch size, then
-both are evaluated with pycocotools on the val split. Prints a table and one JSON line.
+Both train on the embedded synthetic COCO-format folder for the same number of steps and batch size, then both are
+evaluated with pycocotools on the val split. Prints a table and one JSON line.
+- ssdlite320_mobilenet_v3_large: both from scratch with configs/synthetic.py's recipe (AdamW lr 2e-3, wd 1e-4,
+  linear warmup from 0.001x over 100 steps, per-step cosine to 0, `ssdlite` augmentation: RandomIoUCrop +
+  horizontal flip).
+- fasterrcnn_mobilenet_v3_large_320_fpn: both from the same initial weights (torchvision's weights=None build,
+  BatchNorm2d, every layer trained, handed to ours through init_from) with torchvision's recipe
+  (configs/fasterrcnn_mobilenet_v3_large_320_fpn.py: SGD lr 0.02 x batch / 16, momentum 0.9, wd 1e-4, linear
+  warmup from 0.001x over min(1000, steps per epoch - 1) steps, x0.1 at epochs 16 and 22, horizontal flip).
 """
 
 import argparse
@@ -66,21 +73,48 @@ class CocoFolder(torch.utils.data.Dataset):
     return self.transform(image, target)
 
 
-def train_torchvision(root, steps, batch, num_classes, seed):
-  torch.manual_seed(seed)
-  model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
-      weights=None, weights_backbone=None, num_classes=num_classes)
-  train_tf = T.Compose([T.RandomIoUCrop(), T.RandomHorizontalFlip(0.5), T.PILToTensor(),
-                        T.ToDtype(torch.float, scale=True), T.SanitizeBoundingBoxes()])
-  data = CocoFolder(root, "train", train_tf)
-  loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=1,
-                                       collate_fn=lambda b: tuple(zip(*b)), persistent_workers=True)
+def ssdlite_recipe(model, steps, batch, steps_per_epoch):
+  """(train transforms, optimizer, per-step LR factor) of configs/synthetic.py."""
   opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-  warmup = 100
 
   def factor(s):
-    w = 0.001 + 0.999 * min(s, warmup) / warmup
+    w = 0.001 + 0.999 * min(s, 100) / 100
     return w * 0.5 * (1 + math.cos(math.pi * s / steps))
+  return [T.RandomIoUCrop(), T.RandomHorizontalFlip(0.5)], opt, factor
+
+
+def fasterrcnn_recipe(model, steps, batch, steps_per_epoch):
+  """(train transforms, optimizer, per-step LR factor) of torchvision's references/detection Faster R-CNN recipe."""
+  opt = torch.optim.SGD(model.parameters(), lr=0.02 * batch / 16, momentum=0.9, weight_decay=1e-4)
+  warmup = min(1000, steps_per_epoch - 1)
+
+  def factor(s):
+    w = 0.001 + 0.999 * s / warmup if s < warmup else 1.0
+    return w * 0.1 ** sum(s // steps_per_epoch >= m for m in (16, 22))
+  return [T.RandomHorizontalFlip(0.5)], opt, factor
+
+
+# torchvision builder -> (its recipe, our config, our extra flags)
+MODELS = {
+    "ssdlite320_mobilenet_v3_large": (ssdlite_recipe, "configs/synthetic.py", []),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (
+        fasterrcnn_recipe, "configs/fasterrcnn_mobilenet_v3_large_320_fpn.py",
+        ["--config.data.name=synthetic", "--config.model.num_classes=4", "--config.model.frozen_bn=False"]),
+}
+
+
+def train_torchvision(name, root, steps, batch, num_classes, seed, init_path=None):
+  """torchvision's `name` trained with its recipe; with init_path, its initial weights are saved there first."""
+  torch.manual_seed(seed)
+  model = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None, num_classes=num_classes)
+  if init_path:
+    torch.save(model.state_dict(), init_path)
+  data = CocoFolder(root, "train", None)
+  steps_per_epoch = len(data) // batch
+  augment, opt, factor = MODELS[name][0](model, steps, batch, steps_per_epoch)
+  data.transform = T.Compose(augment + [T.PILToTensor(), T.ToDtype(torch.float, scale=True), T.SanitizeBoundingBoxes()])
+  loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=1,
+                                       collate_fn=lambda b: tuple(zip(*b)), persistent_workers=True)
   sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
   model.train()
   step, t0 = 0, time.time()
@@ -114,11 +148,14 @@ def evaluate_torchvision(model, root):
   return coco_metrics(results, os.path.join(root, "annotations", "instances_val.json"))
 
 
-def train_ours(data_dir, workdir, steps, batch, seed):
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs/synthetic.py"),
+def train_ours(name, data_dir, workdir, steps, batch, seed, init_path=None):
+  _, config, flags = MODELS[name]
+  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, config),
          "--workdir", workdir, f"--config.data.data_dir={data_dir}", f"--config.max_steps={steps}",
          f"--config.batch_size={batch}", f"--config.seed={seed}", "--config.eval_every_epochs=0",
-         f"--config.num_epochs={math.ceil(steps * batch / 1000)}"]
+         f"--config.num_epochs={math.ceil(steps * batch / 1000)}", *flags]
+  if init_path:
+    cmd.append(f"--config.init_from={init_path}")
   t0 = time.time()
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode:
@@ -131,27 +168,34 @@ def train_ours(data_dir, workdir, steps, batch, seed):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="ssdlite320_mobilenet_v3_large", choices=sorted(MODELS))
   parser.add_argument("--steps", type=int, default=625)  # configs/synthetic.py: 5 epochs
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data_dir", default=os.path.expanduser("~/tensorflow_datasets"))
-  parser.add_argument("--workdir", default=None, help="train.py workdir (default: a new temporary one; an "
-                      "existing workdir would resume instead of training)")
+  parser.add_argument("--workdir", default=None, help="the bench's directory, train.py's workdir under it as run/ "
+                      "(default: a new temporary one; an existing run/ would resume instead of training)")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
   root = synthetic.ensure_synthetic(args.data_dir)
   workdir = args.workdir or tempfile.mkdtemp(prefix="convergence_ours_")
-  if os.path.exists(os.path.join(workdir, "checkpoints")):
+  if os.path.exists(os.path.join(workdir, "run", "checkpoints")):
     sys.exit(f"{workdir} already holds checkpoints: train.py would resume; pass a new --workdir")
-  ours, ours_s = train_ours(args.data_dir, workdir, args.steps, args.batch, args.seed)
-  model, tv_s = train_torchvision(root, args.steps, args.batch, 4, args.seed)
+  # Faster R-CNN: the same initial weights on both sides (torchvision's, written before it trains).
+  init_path = os.path.join(workdir, "initial.pth") if args.model.startswith("fasterrcnn") else None
+  os.makedirs(workdir, exist_ok=True)
+  model, tv_s = train_torchvision(args.model, root, args.steps, args.batch, 4, args.seed, init_path)
   theirs = evaluate_torchvision(model, root)
-  print(f"\n{'':24s}{'ssdlite-jax':>14s}{'torchvision':>14s}")
+  ours, ours_s = train_ours(args.model, args.data_dir, os.path.join(workdir, "run"), args.steps, args.batch,
+                            args.seed, init_path)
+  print(f"\n{args.model}, {args.steps} steps of batch {args.batch}")
+  print(f"{'':24s}{'ssdlite-jax':>14s}{'torchvision':>14s}")
   for k in ("AP", "AP50", "AP75", "AR100"):
     print(f"{k:24s}{ours[k]:14.3f}{theirs[k]:14.3f}")
   print(f"{'training wall time (s)':24s}{ours_s:14.0f}{tv_s:14.0f}"
         "   (ours: whole train.py run, compiles and eval included)")
-  print(json.dumps({"bench": "convergence_vs_torchvision", "steps": args.steps, "batch": args.batch,
+  print(json.dumps({"bench": "convergence_vs_torchvision", "model": args.model, "steps": args.steps,
+                    "batch": args.batch,
                     "ours": ours, "torchvision": theirs, "ours_seconds": ours_s, "torchvision_seconds": tv_s}))
 
 

@@ -1,10 +1,13 @@
-"""Training throughput: our jitted train step vs torchvision's (CPU or any backend), SSDlite320 or SSD300.
+"""Training throughput: our jitted train step vs torchvision's (CPU or any backend), any of common.BUILDERS.
 
-  python -m bench.train_step [--model ssdlite320_mobilenet_v3_large | ssd300_vgg16] [--batch 24] [--steps 5]
+  python -m bench.train_step [--model ssdlite320_mobilenet_v3_large | ssd300_vgg16 |
+                              fasterrcnn_mobilenet_v3_large_320_fpn | fasterrcnn_mobilenet_v3_large_fpn]
+                             [--batch 24] [--steps 5]
                              [--num_classes 91] [--kernels auto] [--dtype float32] [--amp] [--channels_last]
 
 Each framework runs in its own subprocess (so the RSS high-water marks are separable) on the same synthetic
-batch (images at the model's input size, so torchvision's resize is the identity; 1-4 boxes per image), same
+batch (square images at the model's input size or min_size, so torchvision's resize is the identity; 1-4 boxes per
+image; Faster R-CNN as weights=None builds it, BatchNorm2d and every layer trained), same
 thread count. Measured: forward + loss + backward + SGD(momentum 0.9, wd 4e-5) update; median over --steps steps after
 --warmup steps; our compile time (lower + compile of the step) and the device memory the compiled step
 needs; torchvision's peak CUDA memory on a GPU, optionally under bf16 autocast and channels_last (its GPU
@@ -55,6 +58,7 @@ def worker_torch(args):
 
 def worker_jax(args):
   import jax
+  import numpy as np
   from ssdlite_jax.zoo import build_model
   from ssdlite_jax.distributed import make_mesh, shard_batch
   from ssdlite_jax.train_step import create_train_state, make_train_step
@@ -65,9 +69,10 @@ def worker_jax(args):
   tx, schedule = common.recipe_optimizer(args.batch)
   mesh = make_mesh(jax.devices()[:1])
   state = create_train_state(detector, tx, jax.random.key(0), mesh)
-  images, boxes, labels, mask = common.synthetic_train_batch(args.batch, cfg.image_size, args.num_classes,
-                                                             seed=args.seed)
-  batch = shard_batch(dict(image=images, boxes=boxes, labels=labels, mask=mask), mesh)
+  size = common.input_side(cfg)
+  images, boxes, labels, mask = common.synthetic_train_batch(args.batch, size, args.num_classes, seed=args.seed)
+  batch = dict(image=images, boxes=boxes, labels=labels, mask=mask, image_size=np.full((args.batch, 2), size, np.int32))
+  batch = shard_batch({k: batch[k] for k in detector.BATCH_KEYS}, mesh)
   step = make_train_step(detector, tx, schedule, mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -100,7 +105,7 @@ def _step_megabytes(memory):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--model", default="ssdlite320_mobilenet_v3_large", choices=common.TRAINABLE)
+  p.add_argument("--model", default="ssdlite320_mobilenet_v3_large", choices=common.BUILDERS)
   p.add_argument("--batch", type=int, default=24, help="per-device batch")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
@@ -120,7 +125,7 @@ def main():
     return
   ours, tv = results
   ips = lambda r: args.batch / r["step_s"] if r else float("nan")
-  size = common.our_model_config(args.model, args.num_classes).image_size
+  size = common.input_side(common.our_model_config(args.model, args.num_classes))
   print(f"{args.model} train step, batch {args.batch}, {size}x{size}, {args.num_classes} classes, "
         f"{os.cpu_count()} CPUs")
   print(f"{'':<22}{'ours':>12}{'torchvision':>14}{'ratio':>10}")
