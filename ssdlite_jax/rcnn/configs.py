@@ -15,7 +15,10 @@ def fasterrcnn_mobilenet_v3_large_320_fpn_config() -> ml_collections.ConfigDict:
   c.num_classes = 91
   c.class_names = ()          # label -> name ('' for unused); empty means COCO names when num_classes == 91
   c.frozen_bn = True          # FrozenBatchNorm2d (eps 1e-5) as the released weights; False: trainable BatchNorm2d
-  c.trainable_backbone_layers = None   # stages trained (0..6) of 6; None: 3 with init_backbone_from, else 6
+  # Backbone stages trained (0..6 of 6; the rest leave the optimizer). None: 3 with init_backbone_from (features
+  # 0-6 frozen), else 6, as torchvision decides from weights_backbone; fine-tuning released weights through
+  # init_from, set 3 as torchvision's weights= builders do.
+  c.trainable_backbone_layers = None
   c.min_size = 320            # the transform: the short side to min_size unless the long one passes max_size
   c.max_size = 640
   c.size_divisible = 32       # the batch canvas: the largest resized image, rounded up to multiples of this
