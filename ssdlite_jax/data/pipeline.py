@@ -30,7 +30,6 @@ function of (config, seed, k); resuming skips undecoded records of one epoch.
 
 import bisect
 import dataclasses
-
 import logging
 import math
 import os

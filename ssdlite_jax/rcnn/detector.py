@@ -170,7 +170,7 @@ class FasterRCNNDetector(Detector):
             rpn_keys, rpn_labels)
     terms = losses.rpn_loss(objectness, deltas, rpn_targets, rpn_pos, rpn_neg)
 
-    cand = jnp.concatenate([props["boxes"], boxes.astype(jnp.float32)], axis=1)            # [B, P + M, 4]
+    cand = jnp.concatenate([props["boxes"], boxes.astype(props["boxes"].dtype)], axis=1)   # [B, P + M, 4]
     cand_valid = jnp.concatenate([props["valid"], valid], axis=1)
     roi_labels, roi_targets = jax.vmap(functools.partial(losses.roi_targets, weights=tuple(cfg.box_coder_weights)))(
         boxes, labels, valid, cand)

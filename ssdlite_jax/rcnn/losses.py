@@ -30,8 +30,7 @@ def smooth_l1(x, beta: float = BETA):
 def _coded(gt_boxes, matches, candidates, positive, weights):
   """The positives' matched ground truth coded against their candidates; zeros elsewhere, where a degenerate
   candidate (a padded zero box appended to the proposals) would code to NaN and poison the loss's gradient."""
-  matched = jnp.where(positive[:, None], gt_boxes[jnp.maximum(matches, 0)], candidates)
-  return jnp.where(positive[:, None], box_coder.encode(matched, candidates, weights), 0.0)
+  return jnp.where(positive[:, None], box_coder.encode(gt_boxes[jnp.maximum(matches, 0)], candidates, weights), 0.0)
 
 
 def rpn_targets(gt_boxes, gt_valid, anchors) -> Tuple[jax.Array, jax.Array]:
