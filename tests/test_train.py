@@ -1,6 +1,6 @@
-"""train.py end to end on a tiny generated dataset: a real short run, resume (rerun, SIGTERM, SIGKILL),
-the non-finite-loss stop. Each run is a subprocess, as a user runs it; compiles are shared through
-JAX's persistent compilation cache."""
+"""train.py end to end on a tiny generated dataset: a real short run, interval logging, resume (SIGTERM, SIGKILL),
+the non-finite-loss stop; a small Faster R-CNN's run and its SIGTERM resume. Each run is a subprocess, as a user
+runs it; compiles are shared through JAX's persistent compilation cache."""
 
 import csv
 import json
@@ -115,24 +115,23 @@ def test_short_run_trains_evaluates_and_logs(full_run, train_cli):
   assert os.path.exists(os.path.join(workdir, "eval", f"step_{STEPS}", "detections.json"))
 
 
-def assert_same_params(workdir, reference):
+def assert_same_params(workdir, reference, steps=STEPS):
   (s1, v1), (s2, v2) = final_params(workdir), final_params(reference)
-  assert s1 == s2 == STEPS
+  assert s1 == s2 == steps
   for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v2)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
-def assert_same_run(workdir, reference):
+def assert_same_run(workdir, reference, steps=STEPS):
   ref_losses, losses = train_losses(reference), train_losses(workdir)
-  for step in range(1, STEPS + 1):
+  for step in range(1, steps + 1):
     np.testing.assert_allclose(losses[step], ref_losses[step], rtol=1e-5, err_msg=f"step {step}")
-  assert_same_params(workdir, reference)
+  assert_same_params(workdir, reference, steps)
 
 
-def test_rerun_resumes_where_it_stopped_and_logs_interval_means(train_cli, full_run, tmp_path):
-  """Logging every 3 steps, the logged loss is the mean over the 3 steps (the full run logs each step)."""
-  run(train_cli, tmp_path, "--config.max_steps=3", "--config.log_every_steps=3")
-  assert sorted(train_losses(tmp_path)) == [3]
+def test_logged_loss_is_the_mean_over_the_logging_interval(train_cli, full_run, tmp_path):
+  """Logging every 3 steps, the logged loss is the mean over the 3 steps (the full run logs each step); the
+  parameters are the full run's. (Resuming a stopped run: the SIGTERM / SIGKILL tests below.)"""
   run(train_cli, tmp_path, "--config.log_every_steps=3")
   ref, logged = train_losses(full_run[0]), train_losses(tmp_path)
   assert sorted(logged) == list(range(3, STEPS + 1, 3))
@@ -151,24 +150,18 @@ def _wait_for(predicate, proc, timeout=600):
     time.sleep(0.05)
 
 
-def test_sigterm_saves_and_sigkill_resumes(train_cli, full_run, tmp_path):
-  """SIGTERM during the set-up (config.json is written after the handler is installed) stops after the first
-  step with its checkpoint; SIGKILL after a later checkpoint; the rerun then ends as an uninterrupted run."""
+def test_sigkill_after_a_checkpoint_and_the_rerun_ends_as_the_uninterrupted_run(train_cli, full_run, tmp_path):
+  """Killed (SIGKILL) once a checkpoint is committed, the rerun resumes from the last one and ends as the
+  uninterrupted run. (SIGTERM: the Faster R-CNN test below.)"""
   ckpts = tmp_path / "checkpoints"
   proc = subprocess.Popen(command(train_cli, tmp_path), env=train_cli["env"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: os.path.exists(tmp_path / "config.json"), proc)
-  proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=300) == 0
-  assert max(train_losses(tmp_path)) == final_params(tmp_path)[0] == 1
-  stopped_at = 1
-
-  proc = subprocess.Popen(command(train_cli, tmp_path), env=train_cli["env"], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: any(p.name.isdigit() and int(p.name) > stopped_at for p in ckpts.iterdir()), proc)
+  _wait_for(lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()), proc)
   proc.kill()
   assert proc.wait() == -signal.SIGKILL
-  run(train_cli, tmp_path)
+  killed_at = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert 0 < killed_at < STEPS
+  assert f"resumed from its checkpoint of step {killed_at}" in run(train_cli, tmp_path).stderr
   assert_same_run(tmp_path, full_run[0])
 
 
@@ -181,45 +174,63 @@ def test_non_finite_loss_stops_naming_the_step(train_cli, tmp_path):
   assert all(s < bad_step for s in kept)
 
 
-def test_faster_rcnn_trains_from_an_imagenet_backbone_with_its_stages_frozen(train_cli, tmp_path):
+RCNN_STEPS = 8
+
+
+def rcnn_command(train_cli, workdir, backbone):
   """fasterrcnn_mobilenet_v3_large_320_fpn's recipe through train.py on the synthetic set, small (width 0.25, 128 /
-  256 px, 300 train proposals): the backbone from a generated torchvision mobilenet_v3_large file, features 0-6
-  frozen (torchvision's default with ImageNet weights), one aspect-ratio group (480 x 640 -> 128 x 170 on a
-  128 x 192 canvas) and its compiled step, the four losses logged at every step and falling, evaluation at the end."""
+  256 px, 300 train proposals), the backbone from `backbone` (a torchvision mobilenet_v3_large file), a checkpoint
+  every 2 steps."""
+  return [sys.executable, os.path.join(REPO, "train.py"), "--config",
+          os.path.join(REPO, "configs/fasterrcnn_mobilenet_v3_large_320_fpn.py"), "--workdir", str(workdir),
+          "--config.data.name=synthetic", f"--config.data.data_dir={train_cli['data_dir']}",
+          "--config.data.synthetic_num_train=24", "--config.data.synthetic_num_val=6", "--config.model.num_classes=4",
+          "--config.model.backbone_kwargs.width_mult=0.25", "--config.model.min_size=128",
+          "--config.model.max_size=256", "--config.model.rpn_pre_nms_top_n_train=300",
+          "--config.model.rpn_post_nms_top_n_train=300", f"--config.init_backbone_from={backbone}",
+          "--config.batch_size=4", f"--config.max_steps={RCNN_STEPS}", "--config.eval_every_epochs=0",
+          "--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.optim.warmup_iters=0",
+          "--config.plots=False", "--config.count_flops=False"]
+
+
+@pytest.fixture(scope="module")
+def rcnn_run(train_cli, tmp_path_factory):
+  """The uninterrupted small Faster R-CNN run: (command for a workdir, workdir, process, the backbone state_dict),
+  its backbone a generated torchvision mobilenet_v3_large(width_mult=0.25) file."""
   torch = import_or_skip("torch")
   torchvision = import_or_skip("torchvision")
+  tmp = tmp_path_factory.mktemp("rcnn")
   torch.manual_seed(0)
   imagenet = torchvision.models.mobilenet_v3_large(width_mult=0.25)
   state = {k: v + 0.1 * torch.rand_like(v) if k.endswith("running_var") else v
            for k, v in imagenet.state_dict().items()}
-  torch.save(state, tmp_path / "mobilenet_v3_large.pth")
-  steps = 8
-  cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
-         os.path.join(REPO, "configs/fasterrcnn_mobilenet_v3_large_320_fpn.py"), "--workdir", str(tmp_path / "run"),
-         "--config.data.name=synthetic", f"--config.data.data_dir={train_cli['data_dir']}",
-         "--config.data.synthetic_num_train=24", "--config.data.synthetic_num_val=6", "--config.model.num_classes=4",
-         "--config.model.backbone_kwargs.width_mult=0.25", "--config.model.min_size=128", "--config.model.max_size=256",
-         "--config.model.rpn_pre_nms_top_n_train=300", "--config.model.rpn_post_nms_top_n_train=300",
-         f"--config.init_backbone_from={tmp_path / 'mobilenet_v3_large.pth'}", "--config.batch_size=4",
-         f"--config.max_steps={steps}", "--config.eval_every_epochs=0", "--config.log_every_steps=1",
-         "--config.optim.warmup_iters=0", "--config.plots=False", "--config.count_flops=False"]
-  proc = subprocess.run(cmd, env=train_cli["env"], capture_output=True, text=True, timeout=900)
+  torch.save(state, tmp / "mobilenet_v3_large.pth")
+  cmd = lambda workdir: rcnn_command(train_cli, workdir, tmp / "mobilenet_v3_large.pth")
+  proc = subprocess.run(cmd(tmp / "run"), env=train_cli["env"], capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return cmd, tmp / "run", proc, state
+
+
+def test_faster_rcnn_trains_from_an_imagenet_backbone_with_its_stages_frozen(rcnn_run):
+  """The recipe's frozen features 0-6 (torchvision's default with ImageNet weights), one aspect-ratio group (480 x
+  640 -> 128 x 170 on a 128 x 192 canvas) and its compiled step, the four losses logged at every step and falling,
+  evaluation at the end."""
+  _, workdir, proc, state = rcnn_run
   assert "aspect-ratio groups (factor 3), a compiled step each: 128x192 (24 images, 6 batches)" in proc.stderr
   assert "train step compiled for the 128x192 canvas (aspect-ratio group 5)" in proc.stderr
   assert "frozen: " + ", ".join(["body/stem"] + [f"body/block{i}" for i in range(1, 7)]) + "\n" in proc.stderr
-  with open(tmp_path / "run" / "metrics.jsonl") as f:
+  with open(workdir / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   train = [r for r in records if "train/loss" in r]
   terms = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
-  assert [r["step"] for r in train] == list(range(1, steps + 1))
+  assert [r["step"] for r in train] == list(range(1, RCNN_STEPS + 1))
   for r in train:
     assert r["train/loss"] == pytest.approx(sum(r[f"train/{t}"] for t in terms), rel=1e-5)
     assert r["train/rpn_positives"] > 0 and r["train/roi_positives"] > 0
   assert np.mean([r["train/loss"] for r in train[-3:]]) < 0.97 * train[0]["train/loss"], train
-  assert [r["step"] for r in records if "eval/AP" in r] == [steps]
+  assert [r["step"] for r in records if "eval/AP" in r] == [RCNN_STEPS]
   # Frozen: the imported ImageNet tensors of features 0-6 are still exactly the file's; features 7+ moved off theirs.
-  variables, _, _ = checkpoint.load_variables(str(tmp_path / "run" / "checkpoints"))
+  variables, _, _ = checkpoint.load_variables(str(workdir / "checkpoints"))
   body = variables["params"]["body"]
   np.testing.assert_array_equal(np.asarray(body["stem"]["conv"]["kernel"]),
                                 state["features.0.0.weight"].numpy().transpose(2, 3, 1, 0))
@@ -227,3 +238,21 @@ def test_faster_rcnn_trains_from_an_imagenet_backbone_with_its_stages_frozen(tra
     got, file = np.asarray(body[name]["expand"]["conv"]["kernel"]), state[key].numpy().transpose(2, 3, 1, 0)
     assert np.array_equal(got, file) == (name == "block6"), name
   assert np.abs(got - file).max() < 0.05 * np.abs(file).max()   # imported, then trained a little
+
+
+def test_faster_rcnn_sigterm_saves_and_the_rerun_resumes_as_the_uninterrupted_run(rcnn_run, train_cli, tmp_path):
+  """SIGTERM during the set-up stops after the first step with its checkpoint; the rerun resumes there (the
+  aspect-ratio-grouped stream from batch 1, the sampler's key from the restored state) and ends as the
+  uninterrupted run: every step's losses and the final parameters."""
+  cmd, reference, *_ = rcnn_run
+  proc = subprocess.Popen(cmd(tmp_path), env=train_cli["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  _wait_for(lambda: os.path.exists(tmp_path / "config.json"), proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0 and "received signal 15: saving step 1 and exiting" in err, err[-3000:]
+  assert sorted(train_losses(tmp_path)) == [1] and final_params(tmp_path)[0] == 1
+  proc = subprocess.run(cmd(tmp_path), env=train_cli["env"], capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  assert "resumed from its checkpoint of step 1" in proc.stderr
+  assert_same_run(tmp_path, reference, RCNN_STEPS)

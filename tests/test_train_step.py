@@ -12,9 +12,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ssdlite_jax import optim, porting
+from ssdlite_jax.rcnn.configs import fasterrcnn_mobilenet_v3_large_320_fpn_config
 from ssdlite_jax.zoo import build_model
 from ssdlite_jax.ssd.configs import ssdlite320_config
 from ssdlite_jax.distributed import AXIS, make_mesh, shard_batch
@@ -288,7 +290,54 @@ def _multidevice_checks():
   state_nan, metrics_nan = run(step, mesh, batch)
   assert not metrics_nan["finite"] and int(state_nan.step) == 0
   jax.tree.map(np.testing.assert_array_equal, state_nan.variables, variables)
+  _faster_rcnn_multidevice_check()
   print("multidevice checks passed")
+
+
+def _faster_rcnn_multidevice_check(devices=2, per_device=2):
+  """A small Faster R-CNN (width 0.25, float64) on `devices` devices x `per_device` images: each device samples its
+  anchors and RoIs with its own key (the step's: fold_in(fold_in(rng, step), device)) and normalises its own
+  losses, the gradients are averaged (torchvision's DDP: each process's loss on its images). The step equals that
+  computed one device's images at a time on one device."""
+  config = fasterrcnn_mobilenet_v3_large_320_fpn_config()
+  config.update(num_classes=4, min_size=96, max_size=256, rpn_pre_nms_top_n_train=300,
+                rpn_post_nms_top_n_train=300, dtype="float64")
+  config.backbone_kwargs.width_mult = 0.25
+  det = build_model(config)
+  tx, schedule = optim.make_optimizer(_optim_config(), steps_per_epoch=100)
+  variables = jax.device_get(det.init(jax.random.key(1)))
+  mesh = make_mesh(jax.devices()[:devices])
+  n, (h, w), width = devices * per_device, (96, 128), 120   # images resized to 96 x 120 on a 96 x 128 canvas
+  rs = np.random.RandomState(7)
+  images = smooth_images(n, h, w, seed=7).astype(np.float64)
+  images[:, :, width:] = 0
+  xy = rs.uniform(0, 70, (n, 4, 2))
+  boxes = np.concatenate([xy, np.minimum(xy + rs.uniform(10, 60, (n, 4, 2)), [width, h])], -1)
+  mask = np.arange(4) < rs.randint(1, 4, (n, 1))   # 1 to 3 boxes, the rest padding
+  batch = dict(image=images, image_size=np.tile(np.int32([h, width]), (n, 1)),
+               boxes=np.where(mask[..., None], boxes, 0),
+               labels=np.where(mask, rs.randint(1, 4, (n, 4)), 0).astype(np.int32), mask=mask)
+  state = create_train_state(det, tx, jax.random.key(0), mesh, variables)
+  keys = [jax.random.fold_in(jax.random.fold_in(state.rng, 0), d) for d in range(devices)]
+  state, metrics = jax.device_get(make_train_step(det, tx, schedule, mesh)(state, shard_batch(batch, mesh)))
+
+  def device_loss(params, images_of_one_device, key):
+    loss = det.loss({"params": params, "batch_stats": variables["batch_stats"]}, images_of_one_device, key)
+    return loss.total, loss
+
+  grad_fn = jax.jit(jax.value_and_grad(device_loss, has_aux=True))
+  results = [grad_fn(variables["params"], {k: v[d * per_device:(d + 1) * per_device] for k, v in batch.items()},
+                     keys[d]) for d in range(devices)]
+  grads = _tree_mean([jax.device_get(g) for _, g in results])
+  updates, _ = tx.update(grads, tx.init(variables["params"]), variables["params"])
+  assert_same_update(state.params, optax.apply_updates(variables["params"], updates), variables["params"],
+                     DDP_UPDATE_RTOL, DDP_NOISE_RTOL)
+  losses = [jax.device_get(loss) for (_, loss), _ in results]
+  np.testing.assert_allclose(metrics["loss"], np.mean([x.total for x in losses]), rtol=1e-12)
+  for k in losses[0].terms:
+    np.testing.assert_allclose(metrics[k], np.mean([x.terms[k] for x in losses]), rtol=1e-12, err_msg=k)
+  for k in losses[0].counts:
+    assert metrics[k] == sum(x.counts[k] for x in losses) > 0, k
 
 
 if __name__ == "__main__":
