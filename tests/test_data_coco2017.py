@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import download_manager
 
 from ssdlite_jax.data import coco_labels, config as data_config, pipeline
+from ssdlite_jax.rcnn import transform
 
 pytestmark = pytest.mark.tf  # imports TensorFlow
 
@@ -121,3 +122,27 @@ def test_eval_and_written_ground_truth(cfg):
   (ann,) = gt["annotations"]
   assert ann["category_id"] == 72 and ann["image_id"] == 139
   np.testing.assert_allclose(ann["bbox"], [10, 5, 30, 20], atol=1e-4)
+
+
+def test_aspect_ratio_groups_from_the_tfds_records(cfg):
+  """Faster R-CNN's grouped batches from the builder's records (sizes read from the JPEG headers, annotations
+  through the grouped stream): image 9 (48 x 64, w/h 1.33) falls in group 5 and image 25 (64 x 40, 0.625) in group
+  1 of torchvision's factor-3 bins; each is resized to a short side of 32 (long side <= 64) top-left on a canvas
+  of multiples of 32, its boxes scaled by the resized / original sides, its labels COCO category ids."""
+  source = pipeline.open_source(cfg)
+  groups = pipeline.aspect_ratio_groups(source, lambda hw: transform.resized_size(*hw, 32, 64), 32, 3)
+  assert {int(i): int(g) for i, g in zip(groups.ids, groups.group)} == {9: 5, 25: 1}
+  assert groups.canvases == {5: (32, 64), 1: (64, 32)}
+  data = pipeline.create_train_dataset(source, global_batch_size=1, image_size=None, seed=0, groups=groups,
+                                       process_index=0, process_count=1)
+  batches = {int(b["image_id"][0]): b for b in (next(data), next(data))}
+  assert sorted(batches) == [9, 25]
+  for image_id, canvas, size in ((9, (32, 64), (32, 42)), (25, (64, 32), (51, 32))):
+    b = batches[image_id]
+    assert b["image"].shape == (1, *canvas, 3) and list(b["image_size"][0]) == list(size)
+    assert not b["image"][0, size[0]:].any() and not b["image"][0, :, size[1]:].any() and b["image"].max() > 0
+  b = batches[9]
+  np.testing.assert_allclose(b["boxes"][0][b["mask"][0]],
+                             np.array([[4.5, 6.25, 24.5, 16.25], [30, 10, 64, 30]]) * ([42 / 64, 32 / 48] * 2),
+                             atol=1e-4)
+  assert list(b["labels"][0][b["mask"][0]]) == [90, 13] and not batches[25]["mask"].any()
