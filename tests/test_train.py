@@ -177,7 +177,7 @@ def test_non_finite_loss_stops_naming_the_step(train_cli, tmp_path):
 RCNN_STEPS = 8
 
 
-def rcnn_command(train_cli, workdir, backbone):
+def rcnn_command(train_cli, workdir, backbone, plots=False):
   """fasterrcnn_mobilenet_v3_large_320_fpn's recipe through train.py on the synthetic set, small (width 0.25, 128 /
   256 px, 300 train proposals), the backbone from `backbone` (a torchvision mobilenet_v3_large file), a checkpoint
   every 2 steps."""
@@ -190,7 +190,7 @@ def rcnn_command(train_cli, workdir, backbone):
           "--config.model.rpn_post_nms_top_n_train=300", f"--config.init_backbone_from={backbone}",
           "--config.batch_size=4", f"--config.max_steps={RCNN_STEPS}", "--config.eval_every_epochs=0",
           "--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.optim.warmup_iters=0",
-          "--config.plots=False", "--config.count_flops=False"]
+          f"--config.plots={plots}", "--config.count_flops=False"]
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +205,9 @@ def rcnn_run(train_cli, tmp_path_factory):
   state = {k: v + 0.1 * torch.rand_like(v) if k.endswith("running_var") else v
            for k, v in imagenet.state_dict().items()}
   torch.save(state, tmp / "mobilenet_v3_large.pth")
-  cmd = lambda workdir: rcnn_command(train_cli, workdir, tmp / "mobilenet_v3_large.pth")
-  proc = subprocess.run(cmd(tmp / "run"), env=train_cli["env"], capture_output=True, text=True, timeout=900)
+  cmd = lambda workdir, plots=False: rcnn_command(train_cli, workdir, tmp / "mobilenet_v3_large.pth", plots)
+  proc = subprocess.run(cmd(tmp / "run", plots=True), env=train_cli["env"], capture_output=True, text=True,
+                        timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   return cmd, tmp / "run", proc, state
 
@@ -214,7 +215,7 @@ def rcnn_run(train_cli, tmp_path_factory):
 def test_faster_rcnn_trains_from_an_imagenet_backbone_with_its_stages_frozen(rcnn_run):
   """The recipe's frozen features 0-6 (torchvision's default with ImageNet weights), one aspect-ratio group (480 x
   640 -> 128 x 170 on a 128 x 192 canvas) and its compiled step, the four losses logged at every step and falling,
-  evaluation at the end."""
+  evaluation, results.csv, the per-class table and the plots at the end."""
   _, workdir, proc, state = rcnn_run
   assert "aspect-ratio groups (factor 3), a compiled step each: 128x192 (24 images, 6 batches)" in proc.stderr
   assert "train step compiled for the 128x192 canvas (aspect-ratio group 5)" in proc.stderr
@@ -229,6 +230,14 @@ def test_faster_rcnn_trains_from_an_imagenet_backbone_with_its_stages_frozen(rcn
     assert r["train/rpn_positives"] > 0 and r["train/roi_positives"] > 0
   assert np.mean([r["train/loss"] for r in train[-3:]]) < 0.97 * train[0]["train/loss"], train
   assert [r["step"] for r in records if "eval/AP" in r] == [RCNN_STEPS]
+  with open(workdir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r["step"]) for r in rows] == list(range(1, RCNN_STEPS + 1)) and rows[-1]["eval/AP"] != ""
+  assert all(float(r["train/loss_classifier"]) > 0 for r in rows)
+  with open(workdir / "eval" / f"step_{RCNN_STEPS}" / "per_class.json") as f:
+    assert [r["name"] for r in json.load(f)] == ["ellipse", "rectangle", "triangle"]
+  assert sorted(os.listdir(workdir / "plots")) == ["confusion_matrix.png", "labels.png", "pr_curve.png",
+                                                   "results.png", "val_batch_labels.jpg", "val_batch_pred.jpg"]
   # Frozen: the imported ImageNet tensors of features 0-6 are still exactly the file's; features 7+ moved off theirs.
   variables, _, _ = checkpoint.load_variables(str(workdir / "checkpoints"))
   body = variables["params"]["body"]
