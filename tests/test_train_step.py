@@ -141,10 +141,11 @@ def _our_sgd_step(kernels, dtype, start):
   return det, tx, mesh, step, variables, jax.device_get(metrics), after
 
 
-@pytest.fixture(scope="module", params=["cpu", "xla"])
-def full_model(request, torch_steps):
-  """Our float32 step on the full model, per kernels ('cpu' is the CPU default)."""
-  return _our_sgd_step(request.param, "float32", torch_steps[0])
+@pytest.fixture(scope="module")
+def full_model(torch_steps):
+  """Our float32 step on the full model with the CPU default's kernels ('cpu'). Both kernel paths' steps equal
+  torchvision's in float64 (above); the float32 ratios below were measured on both."""
+  return _our_sgd_step("cpu", "float32", torch_steps[0])
 
 
 def _float_tensors(state_dict):
