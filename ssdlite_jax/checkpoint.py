@@ -6,16 +6,17 @@ Layout: CKPT_DIR/<step>/ with the items
   model      the model config (JSON), so a checkpoint rebuilds its own model
   train      {"opt_state", "step", "rng"} of the TrainState (train.py only)
 and, for train.py's evaluated steps, orbax's per-step metrics (the 12 COCO metrics; the best "AP" is kept).
-Saves are atomic: a killed writer leaves no half checkpoint.
+Saves are atomic: a killed writer leaves no half checkpoint. CKPT_DIR may be local or in object storage
+(gs://BUCKET/...: files.py).
 """
 
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from ssdlite_jax import files
 from ssdlite_jax.detector import with_batch_stats
 from ssdlite_jax.zoo import default_config, family_of
 
@@ -30,7 +31,7 @@ ocp.type_handlers.register_type_handler(
 
 
 def _variables_manager(ckpt_dir: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=ocp.CheckpointManagerOptions(create=True))
+  return ocp.CheckpointManager(files.absolute(ckpt_dir), options=ocp.CheckpointManagerOptions(create=True))
 
 
 def train_manager(ckpt_dir: str, keep: int) -> ocp.CheckpointManager:
@@ -41,7 +42,7 @@ def train_manager(ckpt_dir: str, keep: int) -> ocp.CheckpointManager:
                                     keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
+  return ocp.CheckpointManager(files.absolute(ckpt_dir), options=options)
 
 
 def save_train_state(mngr: ocp.CheckpointManager, state, model_config: ml_collections.ConfigDict,
@@ -79,7 +80,7 @@ def save_variables(ckpt_dir: str, step: int, variables, model_config: ml_collect
 def load_variables(ckpt_dir: str, step: Optional[int] = None
                    ) -> Tuple[Dict[str, Any], ml_collections.ConfigDict, int]:
   """(variables, model config, step) of checkpoint `step` (default: the latest) in `ckpt_dir`."""
-  if not os.path.isdir(ckpt_dir):
+  if not files.isdir(ckpt_dir):
     raise FileNotFoundError(f"{ckpt_dir}: no such checkpoint directory")
   with _variables_manager(ckpt_dir) as mngr:
     step = mngr.latest_step() if step is None else step
@@ -89,7 +90,7 @@ def load_variables(ckpt_dir: str, step: Optional[int] = None
       raise FileNotFoundError(f"{ckpt_dir}: no checkpoint for step {step} (have {sorted(mngr.all_steps())})")
     # Restore onto this process's first device whatever devices wrote it (e.g. trained on 8, used on 1).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(mngr.directory, str(step), "variables"))
+    meta = ocp.StandardCheckpointer().metadata(mngr.directory / str(step) / "variables")
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           meta.item_metadata.tree)
     restored = mngr.restore(step, args=ocp.args.Composite(

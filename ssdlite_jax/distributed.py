@@ -6,6 +6,7 @@ along their leading axis, each process contributing its own rows.
 
 import collections
 import os
+import signal
 from typing import Any, Dict, Iterable, Iterator
 
 import jax
@@ -56,6 +57,37 @@ def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
   # The jax.distributed client: JAX has no public barrier that avoids a device collective.
   from jax._src import distributed as jax_distributed
   jax_distributed.global_state.client.wait_at_barrier(f"{name}/{_barrier_counts[name]}", int(timeout_s * 1000))
+
+
+class Preemption:
+  """SIGTERM, acted on at the same step by every process: `reached(step)` says whether to save `step` and stop.
+
+  Create it before `maybe_initialize_distributed` (a SIGTERM during the set-up counts too). One process: the
+  signal sets a flag, read at the next step. Several: a pod's hosts get their SIGTERM at different moments, and
+  a checkpoint that one process saves at step N while another is at N + 1 never completes; JAX's preemption
+  sync manager (the jax.distributed coordination service, whose handler takes over SIGTERM) tells every process
+  of a SIGTERM on any of them and picks one step that all reach (`reached_preemption_sync_point`).
+  """
+
+  def __init__(self):
+    self.signal = None
+    signal.signal(signal.SIGTERM, self._caught)
+
+  def _caught(self, signum, frame):
+    del frame
+    self.signal = signum
+
+  def start(self) -> None:
+    """After `maybe_initialize_distributed`: a SIGTERM caught before jax.distributed started is handed on to it."""
+    if jax.process_count() > 1 and self.signal is not None:
+      os.kill(os.getpid(), self.signal)
+
+  def reached(self, step: int) -> bool:
+    """Whether to save `step` (the number of updates done) and stop; the same answer on every process."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signal is not None
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:

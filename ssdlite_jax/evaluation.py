@@ -118,8 +118,8 @@ def coco_evaluation(results: List[Dict], gt_json: str, image_ids=None) -> CocoEv
   if not results:
     logging.warning("no detections: COCO metrics are all 0")
     return CocoEvaluation({name: 0.0 for name in METRIC_NAMES}, [], np.linspace(0, 1, 101), np.zeros((101, 0)))
-  with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' loading / timing chatter
-    gt = COCO(gt_json)
+  with contextlib.redirect_stdout(io.StringIO()), files.local_file(gt_json) as local:  # pycocotools' chatter
+    gt = COCO(local)
     dt = gt.loadRes([dict(r) for r in results])   # loadRes mutates its input
     coco_eval = COCOeval(gt, dt, iouType="bbox")
     if image_ids is not None:
@@ -195,8 +195,7 @@ def evaluate(detect_fn, variables, eval_batches, label_to_category_id, gt_json: 
   if jax.process_index() == 0:
     results = to_coco_results(dets, label_to_category_id)
     evaluated = set(int(i) for i in dets["image_id"] if i >= 0)
-    with open(gt_json) as f:
-      gt = json.load(f)
+    gt = json.loads(files.read_text(gt_json))
     gt_ids = set(int(im["id"]) for im in gt["images"])
     if evaluated - gt_ids:
       raise ValueError(f"evaluated image ids not in {gt_json}: {sorted(evaluated - gt_ids)[:10]}")
@@ -231,8 +230,8 @@ def _draw(plots: EvalPlots, result: CocoEvaluation, matrix, names, dets, score_t
   if result.per_class:
     figures.plot_pr_curves(result.recall, result.precision50, [r["name"] for r in result.per_class],
                            [r["AP50"] for r in result.per_class], pr_curve)
-  elif os.path.exists(pr_curve):   # no detections: no curve, and not the previous evaluation's
-    os.remove(pr_curve)
+  else:   # no detections: no curve, and not the previous evaluation's
+    files.remove(pr_curve)
   if plots.examples:
     row = {int(i): k for k, i in enumerate(dets["image_id"]) if i >= 0}
     truth, pred = [], []

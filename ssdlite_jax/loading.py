@@ -8,13 +8,12 @@ one (zoo.TORCHVISION_VARIANTS) whose state_dict keys it has, and the class count
 (Detector.num_classes_of); `model_config` fixes the variant (and post-processing settings) instead.
 """
 
-import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import ml_collections
 import numpy as np
 
-from ssdlite_jax import checkpoint, porting
+from ssdlite_jax import checkpoint, files, porting
 from ssdlite_jax.detector import Detector
 from ssdlite_jax.zoo import TORCHVISION_VARIANTS, build_model, layouts
 
@@ -23,9 +22,9 @@ def load_detector(source: str, model_config: Optional[ml_collections.ConfigDict]
                   step: Optional[int] = None) -> Tuple[Detector, Dict[str, Any], Optional[int]]:
   """(detector, variables {"params", "batch_stats"}, step) of a checkpoint directory (step: that step, default
   the latest) or of a torchvision state_dict file (step None). Errors name the file and the keys at fault."""
-  if not os.path.exists(source):
+  if not files.exists(source):
     raise FileNotFoundError(f"{source}: no such checkpoint directory or weights file")
-  if os.path.isdir(source):
+  if files.isdir(source):
     if model_config is not None:
       raise ValueError(f"{source}: a checkpoint carries its own model config; do not pass model_config")
     variables, cfg, step = checkpoint.load_variables(source, step)

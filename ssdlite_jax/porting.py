@@ -9,7 +9,6 @@ torch is imported only to read or write .pth files.
 """
 
 import collections
-import os
 import pickle
 from typing import Dict, List, Mapping, Tuple
 
@@ -17,6 +16,7 @@ import flax
 import jax
 import numpy as np
 
+from ssdlite_jax import files
 from ssdlite_jax.detector import Detector, with_batch_stats
 
 StateDict = Dict[str, np.ndarray]
@@ -175,20 +175,27 @@ def flax_to_torch(variables, detector: Detector) -> StateDict:
 def reads_torch(source: str) -> bool:
   """Whether loading weights from `source` (a config's init_from / init_backbone_from: '', a checkpoint directory,
   a .safetensors or a .pth file) needs torch: a file that is not .safetensors."""
-  return bool(source) and not os.path.isdir(source) and not source.endswith(".safetensors")
+  return bool(source) and not files.isdir(source) and not source.endswith(".safetensors")
 
 
 def load_state_dict(path: str) -> StateDict:
   """Reads a .pth (torch.load with weights_only=True) or .safetensors file into numpy arrays.
 
-  A .pth may hold the state_dict itself or a training checkpoint dict with a "model" entry.
+  A .pth may hold the state_dict itself or a training checkpoint dict with a "model" entry. `path` may be in
+  object storage (read through a local copy).
   """
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f"{path}: no such file")
+  with files.local_file(path) as local:
+    return _read_state_dict(local, path)
+
+
+def _read_state_dict(local: str, path: str) -> StateDict:
+  """load_state_dict of the local file `local`; errors name `path`."""
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
     try:
-      return dict(load_file(path))
+      return dict(load_file(local))
     except Exception as e:   # safetensors' SafetensorError: a truncated or foreign file
       raise ValueError(f"{path}: not a readable .safetensors file ({e}); a download cut short gives this: "
                        "fetch it again") from None
@@ -199,9 +206,9 @@ def load_state_dict(path: str) -> StateDict:
         f"{path}: reading a .pth needs torch (pip install '.[torch]'). Or, where torch is installed, turn it "
         f"once into a checkpoint (python port_weights.py to-flax --torch {path} --out DIR) or a .safetensors "
         f"file, which load without torch") from None
-  _check_pth_header(path)
+  _check_pth_header(local, path)
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch.load(local, map_location="cpu", weights_only=True)
   except PermissionError:
     raise
   except (RuntimeError, EOFError, KeyError, OSError) as e:   # torch's readers on a truncated or corrupt file
@@ -222,11 +229,11 @@ def load_state_dict(path: str) -> StateDict:
   return {k: v.detach().cpu().numpy() for k, v in obj.items()}
 
 
-def _check_pth_header(path: str) -> None:
+def _check_pth_header(local: str, path: str) -> None:
   """Raises a ValueError naming `path` unless it starts as torch.save writes: a zip archive, or a pickle (the
   legacy format). An HTML error page saved as .pth would otherwise reach torch's unpickler and be reported as a
-  refused pickle."""
-  with open(path, "rb") as f:
+  refused pickle. (`local`: the file's local copy.)"""
+  with open(local, "rb") as f:
     head = f.read(64)
   if not head:
     raise ValueError(f"{path}: empty file; a download cut short gives this: fetch it again")
@@ -236,17 +243,17 @@ def _check_pth_header(path: str) -> None:
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str) -> None:
-  """Writes a state_dict to .pth (torch.save) or .safetensors, atomically (temp file, then rename)."""
-  tmp = path + ".tmp"
+  """Writes a state_dict to .pth (torch.save) or .safetensors, atomically (files.write_atomically)."""
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file
-    save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, tmp)
+    write = lambda tmp: save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, tmp)
   elif path.endswith((".pth", ".pt")):
     import torch
-    torch.save(collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items()), tmp)
+    write = lambda tmp: torch.save(
+        collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items()), tmp)
   else:
     raise ValueError(f"{path}: unknown weight format; use .pth, .pt or .safetensors")
-  os.replace(tmp, path)
+  files.write_atomically(path, write)
 
 
 def transfer(variables, source: Detector, target: Detector, rng) -> Tuple[Dict, List[str]]:

@@ -13,7 +13,7 @@ def read_metrics_jsonl(path: str):
   that logged anything, train/* columns first, None where a step has no value; a resumed run's repeated steps
   keep their last values."""
   rows = {}
-  with open(path) as f:
+  with files.open_file(path) as f:
     for number, line in enumerate(f, 1):
       try:
         record = json.loads(line)

@@ -5,19 +5,19 @@ config; steps, logging, evaluation, plots and checkpoints in a work directory.
     training.train(config, "runs/synthetic")   # config: configs/*.py's get_config()
 
 Rerunning with the same workdir resumes from its last checkpoint (same step, optimizer state, RNG and data
-position). SIGTERM saves a checkpoint and returns; a non-finite loss raises NonFiniteLoss naming the step and
-keeps the last good checkpoint. Multi-host: one process per host (jax.distributed is initialised from
-JAX_COORDINATOR_ADDRESS / SLURM / TPU environments). Imports TensorFlow (input pipelines, TensorBoard): a caller
-that reads .pth weights imports torch first (the reverse order segfaults).
+position). SIGTERM saves a checkpoint and returns, every process at the same step; a non-finite loss raises
+NonFiniteLoss naming the step and keeps the last good checkpoint. Multi-host: one process per host
+(jax.distributed is initialised from JAX_COORDINATOR_ADDRESS / SLURM / TPU environments), all with the same
+workdir, local or in object storage (gs://BUCKET/run: files.py). Imports TensorFlow (input pipelines,
+TensorBoard): a caller that reads .pth weights imports torch first (the reverse order segfaults).
 """
 
 import dataclasses
 import itertools
 import json
 import os
-import signal
 import time
-from typing import Callable, Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Iterator
 
 from absl import logging
 import jax
@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
-from ssdlite_jax import checkpoint, distributed, evaluation, plots, porting, results, train_step as ts
+from ssdlite_jax import checkpoint, distributed, evaluation, files, plots, porting, results, train_step as ts
 # before tensorflow: the data package says where TF comes from when it is missing
 from ssdlite_jax.data import coco_folder, pipeline, sources
 from ssdlite_jax.detect import eval_batch_size, make_eval_fn
@@ -68,13 +68,15 @@ def initial_variables(config, detector, rng):
 
 class Logger:
   """metrics.jsonl, results.csv, TensorBoard event files and, with `plots`, plots/results.png in the workdir
-  (process 0 only)."""
+  (process 0 only). In object storage, metrics.jsonl and the event files are written locally (files.Mirror) and
+  uploaded by `sync()`: at each evaluation and checkpoint, and at the end."""
 
   def __init__(self, workdir, plots=True):
     self.enabled, self.workdir, self.plots = jax.process_index() == 0, workdir, plots
     if self.enabled:
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self.mirror = files.Mirror(workdir, fetch=("metrics.jsonl",))   # a resumed run appends to it
+      self.jsonl = open(os.path.join(self.mirror.local, "metrics.jsonl"), "a")
+      self.tb = tf.summary.create_file_writer(os.path.join(self.mirror.local, "tensorboard"))
 
   def write(self, step, scalars, prefix):
     if not self.enabled:
@@ -98,11 +100,19 @@ class Logger:
     shown = [c for c in columns if c.startswith("train/") or c in ("eval/AP", "eval/AP50")]
     plots.plot_results([{"step": r["step"], **{c: r[c] for c in shown}} for r in rows],
                        os.path.join(self.workdir, "plots", "results.png"))
+    self.sync()
+
+  def sync(self):
+    if self.enabled:
+      self.jsonl.flush()
+      self.tb.flush()
+      self.mirror.sync()
 
   def close(self):
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+      self.mirror.close()
 
 
 def run_eval(run, variables, step):
@@ -151,7 +161,7 @@ class Run:
   val_examples: list               # the first val images and their boxes, drawn in the mosaics (process 0)
   mngr: ocp.CheckpointManager
   logger: Logger
-  stop: Dict[str, Optional[int]]   # {"signal": the SIGTERM received, or None}
+  preemption: distributed.Preemption
   steps_per_epoch: int
   total_steps: int
 
@@ -161,10 +171,10 @@ def train(config, workdir):
   SIGTERM, which saves and returns)."""
   tf.config.set_visible_devices([], "GPU")   # TensorFlow only reads data: the accelerators are JAX's
   # From the start: a SIGTERM during the set-up (data preparation, compiles) stops after the first step as well.
-  stop = {"signal": None}
-  signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  preemption = distributed.Preemption()
   distributed.maybe_initialize_distributed()   # before anything touches JAX's backend (build_model does)
-  os.makedirs(workdir, exist_ok=True)
+  preemption.start()
+  files.makedirs(workdir)
   source = pipeline.open_source(config.data)
   info = source.info
   if info.num_classes != config.model.num_classes:
@@ -173,8 +183,7 @@ def train(config, workdir):
                      f"set --config.model.num_classes={info.num_classes}")
   config.model.class_names = tuple(info.class_names)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    files.write_text_atomically(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   detector = build_model(config.model, bn_axis_name=distributed.AXIS if config.sync_bn else None)
   mesh = distributed.make_mesh()
@@ -223,7 +232,7 @@ def train(config, workdir):
     if config.plots:
       draw_labels(source, ground_truth.get("train"), os.path.join(workdir, "plots", "labels.png"))
   run = Run(config, workdir, detector, source, step_fn, data, make_eval_fn(detector), eval_batches,
-            val_examples, mngr, logger, stop, steps_per_epoch, total_steps)
+            val_examples, mngr, logger, preemption, steps_per_epoch, total_steps)
   for line in run_summary(config, workdir, source, ground_truth, detector, state, mesh, steps_per_epoch,
                           total_steps, start, groups):
     logging.info("%s", line)
@@ -256,13 +265,12 @@ def compile_train_step(step_fn, state, first, groups, global_batch_size):
 
 
 def read_json(path):
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(files.read_text(path))
 
 
 def draw_labels(source, train_gt, path):
   """plots/labels.png: the classes, box sizes and centres of train_gt (the train split's COCO dict, or None)."""
-  if os.path.exists(path):
+  if files.exists(path):
     return
   if train_gt is None:
     logging.info("no plots/labels.png: %r has no train json to read the labels from", source.config.name)
@@ -343,7 +351,7 @@ def _loop(run, state):
     log_now = done % config.log_every_steps == 0 or last
     eval_now = bool(eval_every) and done % eval_every == 0 and not last
     save_now = not last and (done % config.checkpoint_every_steps == 0 or eval_now)
-    stopping = run.stop["signal"] is not None
+    stopping = run.preemption.reached(done)
     # The previous step is checked while this one runs (no per-step host stall); this one only before the
     # host reads or saves the state.
     if previous is not None:
@@ -366,10 +374,14 @@ def _loop(run, state):
     eval_metrics = run_eval(run, state.variables, done) if eval_now else None
     if save_now:
       checkpoint.save_train_state(run.mngr, state, config.model, eval_metrics)
+      run.logger.sync()
     if stopping:
       if bar is not None:
         bar.close()
-      logging.warning("received signal %d: saving step %d and exiting", run.stop["signal"], done)
+      if jax.process_count() > 1:
+        logging.warning("SIGTERM on a process: all %d processes save step %d and exit", jax.process_count(), done)
+      else:
+        logging.warning("received signal %d: saving step %d and exiting", run.preemption.signal, done)
       checkpoint.save_train_state(run.mngr, state, config.model)
       return None
   final = run_eval(run, state.variables, int(state.step))

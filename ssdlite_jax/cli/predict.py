@@ -2,6 +2,7 @@
 
   python predict.py --torch-weights ssdlite320.pth --output dets.json --draw out/ a.jpg b.png
   python predict.py --checkpoint WORKDIR/checkpoints --output dets.json images/*.jpg
+  python predict.py --checkpoint gs://BUCKET/run/checkpoints --output gs://BUCKET/dets.json gs://BUCKET/a.jpg
 
 Writes [{"image": path, "boxes": [[x1, y1, x2, y2], ...] (original pixels), "scores": [...],
 "labels": [...]}, ...]; with --draw, copies of the images with boxes, class names and scores above
@@ -16,13 +17,14 @@ import sys
 import numpy as np
 from PIL import Image, ImageOps
 
+from ssdlite_jax import files
 from ssdlite_jax.visualize import draw_detections
 
 
 def read_image(path: str) -> np.ndarray:
   """H x W x 3 uint8 RGB of an image file (EXIF-rotated); a ValueError naming the file if unreadable."""
   try:
-    with Image.open(path) as im:
+    with files.open_file(path, "rb") as f, Image.open(f) as im:
       im.load()
       return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
   except (OSError, SyntaxError, ValueError) as e:
@@ -61,15 +63,13 @@ def main(argv=None):
   dets = predictor(images)
   records = [{"image": p, "boxes": d["boxes"].tolist(), "scores": d["scores"].tolist(),
               "labels": d["labels"].tolist()} for p, d in zip(paths, dets)]
-  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(records, f)
+  files.write_text_atomically(args.output, json.dumps(records))
   print(f"wrote {args.output}: {sum(len(r['scores']) for r in records)} detections in {len(records)} images")
   if args.draw:
-    os.makedirs(args.draw, exist_ok=True)
     for path, image, det in zip(paths, images, dets):
       out = os.path.join(args.draw, os.path.splitext(os.path.basename(path))[0] + ".jpg")
-      draw_detections(image, det, predictor.class_names, args.min_score).save(out, quality=92)
+      drawn = draw_detections(image, det, predictor.class_names, args.min_score)
+      files.write_atomically(out, lambda tmp: drawn.save(tmp, quality=92))
     print(f"drew detections with score >= {args.min_score} into {args.draw}/")
 
 

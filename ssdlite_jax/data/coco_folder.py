@@ -43,7 +43,8 @@ class CocoFolderConfig(tfds.core.BuilderConfig):
 
 def folder_config(root: str, train_ann: str, val_ann: str = "", train_images: str = "",
                   val_images: str = "", name: str = "") -> CocoFolderConfig:
-  """Config for `root`; relative paths are under `root`; images dir defaults to root/<json stem minus 'instances_'>.
+  """Config for `root` (a local folder or one in object storage, gs://...: files.py); relative paths are under
+  `root`; images dir defaults to root/<json stem minus 'instances_'>.
 
   The config name (the prepared-data directory) is `name`, else derived from the folder and a hash of the
   annotation files' paths, sizes and mtimes, so editing the json re-prepares the data.
@@ -55,14 +56,13 @@ def folder_config(root: str, train_ann: str, val_ann: str = "", train_images: st
     ann = os.path.join(root, ann)
     if not images:
       images = os.path.splitext(os.path.basename(ann))[0].removeprefix("instances_")
-    splits.append((split, os.path.abspath(ann), os.path.abspath(os.path.join(root, images))))
+    splits.append((split, str(files.absolute(ann)), str(files.absolute(os.path.join(root, images)))))
   if not splits:
     raise ValueError("a COCO folder needs at least one annotation json (train_ann / val_ann)")
   if not name:
-    stamp = [(ann, os.stat(ann).st_size, os.stat(ann).st_mtime_ns) if os.path.exists(ann) else (ann,)
-             for _, ann, _ in splits]
+    stamp = [(ann, *files.size_and_mtime(ann)) if files.exists(ann) else (ann,) for _, ann, _ in splits]
     digest = hashlib.sha1(json.dumps([splits, stamp]).encode()).hexdigest()[:12]
-    base = "".join(c if c.isalnum() else "_" for c in os.path.basename(os.path.abspath(root)))
+    base = "".join(c if c.isalnum() else "_" for c in files.absolute(root).name)
     name = f"{base}_{digest}"
   return CocoFolderConfig(name=name, version="1.0.0", splits=tuple(splits))
 
@@ -105,8 +105,7 @@ def load_annotations(ann_path: str) -> dict:
   """Parses and validates a COCO instances json; returns {'categories': [(id, name)], 'images': [...],
   'anns_by_image': {image_id: [ann, ...]}}. Raises CocoFormatError naming the file / annotation id."""
   try:
-    with open(ann_path) as f:
-      data = json.load(f)
+    data = json.loads(files.read_text(ann_path))
   except FileNotFoundError:
     raise CocoFormatError(f"annotation file not found: {ann_path}") from None
   except json.JSONDecodeError as e:
@@ -143,7 +142,7 @@ def load_annotations(ann_path: str) -> dict:
 def encoded_rgb_image(path: str, json_size: Optional[tuple] = None) -> bytes:
   """Bytes `tf.io.decode_image(channels=3)` decodes to PIL's RGB pixels; checks the stored size (h, w)."""
   try:
-    with open(path, "rb") as f:
+    with files.open_file(path, "rb") as f:
       data = f.read()
   except FileNotFoundError:
     raise CocoFormatError(f"image listed in the annotations is missing: {path}") from None
@@ -202,7 +201,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
     for _, (anns, ann, images_dir) in parsed.items():
       for im in anns["images"]:
         path = os.path.join(images_dir, im["file_name"])
-        if not os.path.isfile(path):
+        if not files.isfile(path):
           raise CocoFormatError(f"image listed in {ann} is missing: {path} (image id {im['id']})")
     return {split: self._generate_examples(anns, images_dir) for split, (anns, _, images_dir) in parsed.items()}
 

@@ -9,12 +9,14 @@
               separate venv of requirements-onnx.txt (.onnx)
 
 Every file (or SavedModel directory) comes with `<file>.json`: the metadata (model variant, classes, input and
-output layout, post-processing settings, where the weights came from) that a runtime needs to use it.
+output layout, post-processing settings, where the weights came from) that a runtime needs to use it. OUT may be
+in object storage (gs://...: files.py).
 """
 
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Callable, Dict, Optional
 
 import jax
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ssdlite_jax import files
 from ssdlite_jax.ssd import postprocess
 from ssdlite_jax.detector import Detector
 from ssdlite_jax.zoo import build_model
@@ -82,6 +85,10 @@ def metadata(detector: Detector, source: str, fmt: str, **extra) -> Dict[str, An
 
 def write_atomically(path: str, data: bytes, meta: Dict[str, Any]) -> None:
   """Writes `path` and `path`.json through temporary files, so that a failure never leaves a partial file."""
+  if files.is_remote(path):   # each upload replaces its object whole; the metadata first, as below
+    files.write_text_atomically(path + ".json", json.dumps(meta, indent=2))
+    files.write_atomically(path, lambda tmp: _write_bytes(tmp, data))
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp, tmp_meta = path + ".tmp", path + ".json.tmp"
   try:
@@ -97,9 +104,21 @@ def write_atomically(path: str, data: bytes, meta: Dict[str, Any]) -> None:
         os.remove(p)
 
 
-def write_directory_atomically(path: str, write: Callable[[str], None], meta: Dict[str, Any]) -> None:
+def _write_bytes(path: str, data: bytes) -> None:
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def write_directory_atomically(path: str, write: Callable[[str], None], meta: Dict[str, Any]) -> int:
   """Has `write` fill a temporary directory, then puts it at `path` (replacing an older one) and `path`.json:
-  a failure never leaves a partial directory."""
+  a failure never leaves a partial directory. In object storage the directory is uploaded file by file and
+  `path`.json last: it marks the directory complete. Returns the directory's size in bytes."""
+  if files.is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="ssdlite_jax_") as folder:
+      write(os.path.join(folder, "export"))
+      size = files.upload_tree(os.path.join(folder, "export"), path)
+    files.write_text_atomically(path + ".json", json.dumps(meta, indent=2))
+    return size
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp, tmp_meta, old = path + ".tmp", path + ".json.tmp", path + ".old"
   for leftover in (tmp, old):   # of an export that was killed
@@ -122,3 +141,4 @@ def write_directory_atomically(path: str, write: Callable[[str], None], meta: Di
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(tmp_meta):
       os.remove(tmp_meta)
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(path) for f in names)
