@@ -10,6 +10,7 @@ Saves are atomic: a killed writer leaves no half checkpoint. CKPT_DIR may be loc
 (gs://BUCKET/...: files.py).
 """
 
+import logging
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -25,9 +26,15 @@ from ssdlite_jax.zoo import default_config, family_of
 # replica and array: with 8 devices a save of SSDlite's ~370 small tensors took ~7 s on a CPU, whatever the model
 # size; these models' largest tensor (1.2 MB) is under the limit, so one device's copy is written as is.
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 4 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES),
-    override=True)
+_absl_logger = logging.getLogger("absl")
+_level = _absl_logger.level
+_absl_logger.setLevel(logging.ERROR)   # orbax warns that this replaces its default handler, on every program start
+try:
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES),
+      override=True)
+finally:
+  _absl_logger.setLevel(_level)
 
 
 def _variables_manager(ckpt_dir: str) -> ocp.CheckpointManager:
