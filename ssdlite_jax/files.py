@@ -59,6 +59,17 @@ def size_and_mtime(path: PathLike) -> tuple:
   return stat.length, int(stat.mtime * 1e9)
 
 
+def walk_files(path: PathLike) -> Iterator[str]:
+  """Every file under folder `path`, at any depth, as `path` joined with its relative path."""
+  top = None
+  for folder, _, names in epath.Path(path).walk():
+    top = top or os.fspath(folder)   # `path` as the backend spells it (fsspec's drops the gs://)
+    sub = os.path.relpath(os.fspath(folder), top)
+    base = os.fspath(path).rstrip("/") + ("" if sub == "." else "/" + sub)
+    for name in names:
+      yield f"{base}/{name}"
+
+
 def makedirs(path: PathLike) -> None:
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 

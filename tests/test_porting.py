@@ -201,6 +201,45 @@ def test_predict_cli(ckpt_dir, torch_model, tmp_path):
 
 
 @pytest.mark.torch
+def test_predict_cli_on_a_folder_tree_and_a_pattern(ckpt_dir, tmp_path):
+  """Folders are searched at any depth for image files (other files left out) and patterns expanded; the JSON
+  keeps the Predictor's detections scoring >= --conf, with class names; drawn copies keep their paths relative to
+  the folder, so two img.png in different folders are both drawn; a folder without images or a pattern that
+  matches nothing is a one-line error."""
+  tree = tmp_path / "tree"
+  for i, rel in enumerate(["a/img.png", "b/img.png", "b/c/deep.jpg"]):
+    (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((smooth_images(1, 100 + 30 * i, 160, seed=10 + i)[0] * 255).round().astype(np.uint8)).save(
+        tree / rel, quality=95)
+  (tree / "b" / "notes.txt").write_text("not an image")
+  found = [str(tree / r) for r in ("a/img.png", "b/c/deep.jpg", "b/img.png")] + [str(tree / "b" / "img.png")]
+  predictor = Predictor.from_checkpoint(str(ckpt_dir))
+  full = predictor([predict.read_image(p) for p in found])
+  scores = np.sort(np.concatenate([d["scores"] for d in full]))
+  conf = float(scores[len(scores) // 2 - 1: len(scores) // 2 + 1].mean())   # between two scores: half kept
+  out = tmp_path / "d.json"
+  predict.main(["--checkpoint", str(ckpt_dir), "--output", str(out), "--draw", str(tmp_path / "drawn"),
+                "--conf", str(conf), str(tree), str(tree / "b" / "*.png")])
+  records = json.loads(out.read_text())
+  assert [r["image"] for r in records] == found
+  for r, want in zip(records, full):
+    keep = want["scores"] >= conf
+    np.testing.assert_allclose(r["scores"], want["scores"][keep], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.reshape(r["boxes"], (-1, 4)), want["boxes"][keep], rtol=0, atol=1e-3)
+    assert r["labels"] == want["labels"][keep].tolist()
+    assert r["names"] == [predictor.class_names[i] for i in r["labels"]]
+  assert 0 < sum(len(r["scores"]) for r in records) == (scores >= conf).sum() < len(scores)
+  for rel, size in (("a/img.jpg", (160, 100)), ("b/img.jpg", (160, 130)), ("b/c/deep.jpg", (160, 160)),
+                    ("img.jpg", (160, 130))):
+    assert Image.open(tmp_path / "drawn" / rel).size == size, rel
+  (tree / "b" / "c" / "deep.jpg").unlink()
+  with pytest.raises(SystemExit, match="tree/b/c: a folder without image files"):
+    predict.main(["--checkpoint", str(ckpt_dir), "--output", str(out), str(tree / "b" / "c")])
+  with pytest.raises(SystemExit, match=r"\*\.gif: no file matches this pattern"):
+    predict.main(["--checkpoint", str(ckpt_dir), "--output", str(out), str(tree / "*.gif")])
+
+
+@pytest.mark.torch
 def test_truncated_html_and_empty_weight_files_are_one_line_errors(tmp_path):
   """A download cut short (zip archive or legacy pickle), an HTML error page saved as .pth, an empty file and a
   truncated .safetensors: a ValueError naming the file and what it is, never torch's internal error (an HTML page

@@ -226,7 +226,7 @@ def test_predict_and_port_weights_programs(low_res, tmp_path):
   outputs = []
   for source in (["--torch-weights", weights], ["--checkpoint", ckpt]):
     out = str(tmp_path / f"dets{len(outputs)}.json")
-    predict.main([*source, "--output", out, str(tmp_path / "a.png")])
+    predict.main([*source, "--output", out, "--conf", "0", str(tmp_path / "a.png")])
     with open(out) as f:
       outputs.append(json.load(f))
   assert outputs[0] == outputs[1]

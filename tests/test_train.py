@@ -225,9 +225,10 @@ def test_eval_predict_and_export_read_the_checkpoint_in_the_bucket(bucket_run, t
   image = tmp_path / "shapes.png"
   PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 140, 3), np.uint8)).save(image)
   files.upload(str(image), f"{BUCKET_RUN}/images/shapes.png")
-  for ckpt, root, img in ((f"{BUCKET_RUN}/checkpoints", BUCKET_RUN, f"{BUCKET_RUN}/images/shapes.png"),
+  for ckpt, root, img in ((f"{BUCKET_RUN}/checkpoints", BUCKET_RUN, f"{BUCKET_RUN}/images"),   # a folder
                           (str(local), str(tmp_path), str(image))):
-    predict.main(["--checkpoint", ckpt, "--output", f"{root}/dets.json", "--draw", f"{root}/drawn", img])
+    predict.main(["--checkpoint", ckpt, "--output", f"{root}/dets.json", "--draw", f"{root}/drawn", "--conf", "0",
+                  img])
     export_cli.main(["--checkpoint", ckpt, "--format", "stablehlo", "--out", f"{root}/tiny.jaxexport"])
   got, want = (json.loads(files.read_text(f"{root}/dets.json")) for root in (BUCKET_RUN, tmp_path))
   assert [d["image"] for d in got] == [f"{BUCKET_RUN}/images/shapes.png"]
