@@ -5,7 +5,7 @@ recipe (references/detection: 8 GPUs x 2 images, 26 epochs).
       --torch-weights fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth --config.data.manual_dir=/data/coco_zips
 
   python train.py --config configs/fasterrcnn_mobilenet_v3_large_320_fpn.py --workdir runs/frcnn320 \
-      --config.init_backbone_from=mobilenet_v3_large-8738ca79.pth
+      --config.init_backbone_from=mobilenet_v3_large
 
 Batches group images by aspect ratio (data.aspect_ratio_group_factor 3, torchvision's): one canvas and one compiled
 step per group. With init_backbone_from, features 0-6 stay frozen (model.trainable_backbone_layers None -> 3, as

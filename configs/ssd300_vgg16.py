@@ -2,7 +2,7 @@
 
   python train.py --config configs/ssd300_vgg16.py --workdir runs/ssd300 \
       --config.data.manual_dir=/data/coco_zips \
-      --config.init_backbone_from=vgg16_features-amdegroot-88682ab5.pth \
+      --config.init_backbone_from=vgg16_features \
       --config.optim.frozen="('backbone/conv1_1', 'backbone/conv1_2')"
 
 The recipe starts from torchvision's ImageNet VGG16 features (the amdegroot port: 0-255 input minus the mean)

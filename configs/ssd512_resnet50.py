@@ -1,6 +1,6 @@
 """SSD512-ResNet50 (torchvision's unmerged PR #3760: 30.2 COCO AP at epoch 118): configs/ssd300_vgg16.py's
 recipe, as the PR trained it, on the reconstructed network of models/resnet.py. The PR started from torchvision's
-ImageNet ResNet50: --config.init_backbone_from=resnet50-0676ba61.pth (download it yourself) loads its trunk, BN
+ImageNet ResNet50: --config.init_backbone_from=resnet50 (torchvision's file, downloaded) loads its trunk, BN
 statistics included. Which trunk layers the PR froze is not known; nothing is frozen here."""
 
 from configs import ssd300_vgg16

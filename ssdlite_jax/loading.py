@@ -1,7 +1,9 @@
-"""One way to load a detector: from an orbax checkpoint directory, a torchvision `.pth` or a `.safetensors`.
+"""One way to load a detector: from an orbax checkpoint directory, a torchvision `.pth` or a `.safetensors`, or
+released weights by name (weights.py: downloaded once, verified, cached).
 
     detector, variables, step = load_detector("runs/coco/checkpoints")          # step: the latest
     detector, variables, step = load_detector("finetuned_13class.pth")          # step None; 13 classes
+    detector, variables, step = load_detector("ssdlite320_mobilenet_v3_large")  # torchvision's COCO weights
 
 A checkpoint carries its own model config. For a torchvision state_dict the model variant is the registered
 one (zoo.TORCHVISION_VARIANTS) whose state_dict keys it has, and the class count is read from its shapes
@@ -13,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import ml_collections
 import numpy as np
 
-from ssdlite_jax import checkpoint, files, porting
+from ssdlite_jax import checkpoint, files, porting, weights
 from ssdlite_jax.detector import Detector
 from ssdlite_jax.zoo import TORCHVISION_VARIANTS, build_model, layouts
 
@@ -21,9 +23,12 @@ from ssdlite_jax.zoo import TORCHVISION_VARIANTS, build_model, layouts
 def load_detector(source: str, model_config: Optional[ml_collections.ConfigDict] = None,
                   step: Optional[int] = None) -> Tuple[Detector, Dict[str, Any], Optional[int]]:
   """(detector, variables {"params", "batch_stats"}, step) of a checkpoint directory (step: that step, default
-  the latest) or of a torchvision state_dict file (step None). Errors name the file and the keys at fault."""
+  the latest), of a torchvision state_dict file or of released weights by name (weights.FILES; step None). Errors
+  name the file and the keys at fault."""
+  source = weights.resolve(source)
   if not files.exists(source):
-    raise FileNotFoundError(f"{source}: no such checkpoint directory or weights file")
+    raise FileNotFoundError(f"{source}: no such checkpoint directory or weights file, nor a weights name "
+                            f"({', '.join(weights.FILES)})")
   if files.isdir(source):
     if model_config is not None:
       raise ValueError(f"{source}: a checkpoint carries its own model config; do not pass model_config")

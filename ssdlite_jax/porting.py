@@ -16,7 +16,7 @@ import flax
 import jax
 import numpy as np
 
-from ssdlite_jax import files
+from ssdlite_jax import files, weights
 from ssdlite_jax.detector import Detector, with_batch_stats
 
 StateDict = Dict[str, np.ndarray]
@@ -182,8 +182,9 @@ def load_state_dict(path: str) -> StateDict:
   """Reads a .pth (torch.load with weights_only=True) or .safetensors file into numpy arrays.
 
   A .pth may hold the state_dict itself or a training checkpoint dict with a "model" entry. `path` may be in
-  object storage (read through a local copy).
+  object storage (read through a local copy) or a weights name (weights.py).
   """
+  path = weights.resolve(path)
   if not files.exists(path):
     raise FileNotFoundError(f"{path}: no such file")
   with files.local_file(path) as local:

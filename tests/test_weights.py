@@ -1,0 +1,141 @@
+"""Weights by name (ssdlite_jax/weights.py) against an HTTP server on localhost serving generated files: download,
+verification against the hash in the file name, the cache, a corrupt and a cut download, no network, an unknown
+name."""
+
+import hashlib
+import http.server
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from ssdlite_jax import porting, weights
+from ssdlite_jax.loading import load_detector
+from tests.helpers import import_or_skip
+from tests.torch_reference import random_torchvision_ssdlite
+
+pytestmark = pytest.mark.torch
+
+NAME = "ssdlite320_mobilenet_v3_large"
+
+
+class Server:
+  """Serves `root` on a free localhost port and records the requests; while `cut` is set, it sends a file's whole
+  Content-Length but only half of its bytes, then closes the connection."""
+
+  def __init__(self, root):
+    self.requests, self.cut = [], False
+    server = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_GET(self):
+        server.requests.append(self.path)
+        path = os.path.join(root, os.path.basename(self.path))
+        if not os.path.isfile(path):
+          self.send_error(404)
+          return
+        data = open(path, "rb").read()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:len(data) // 2] if server.cut else data)
+        self.close_connection = True
+
+      def log_message(self, *args):
+        pass
+
+    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+    threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+  """A random torchvision ssdlite320 saved as torch.save does, named as torchvision names its files (the first 8
+  hex digits of its SHA-256), served on localhost: (server, file name, the served folder)."""
+  torch = import_or_skip("torch")
+  root = tmp_path_factory.mktemp("server")
+  model = random_torchvision_ssdlite(seed=3)
+  torch.save(model.state_dict(), root / "w.pth")
+  digest = hashlib.sha256((root / "w.pth").read_bytes()).hexdigest()
+  name = f"ssdlite320_mobilenet_v3_large_coco-{digest[:8]}.pth"
+  os.rename(root / "w.pth", root / name)
+  (root / "ssdlite320_mobilenet_v3_large_coco-00000000.pth").write_bytes((root / name).read_bytes())  # a corrupt one
+  server = Server(str(root))
+  yield server, name, root
+  server.httpd.shutdown()
+
+
+@pytest.fixture
+def table(published, tmp_path, monkeypatch):
+  """weights.FILES and the base URL pointed at the local server, the cache in tmp_path; returns set(file)."""
+  server, _, _ = published
+  monkeypatch.setenv("SSDLITE_JAX_WEIGHTS_URL", server.url)
+  monkeypatch.setenv("SSDLITE_JAX_CACHE", str(tmp_path / "cache"))
+  return lambda file: monkeypatch.setitem(weights.FILES, NAME, file)
+
+
+def cached(tmp_path):
+  folder = tmp_path / "cache" / "weights"
+  return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def test_a_name_downloads_once_and_loads_as_the_file(published, table, tmp_path):
+  """The name downloads the published file into the cache (byte for byte) and loads as that file does; the next
+  use reads the cache."""
+  import jax
+  server, file, root = published
+  table(file)
+  detector, variables, step = load_detector(NAME)
+  assert step is None and detector.config.num_classes == 91
+  assert cached(tmp_path) == [file] and server.requests.count(f"/{file}") == 1
+  assert (tmp_path / "cache" / "weights" / file).read_bytes() == (root / file).read_bytes()
+  _, want, _ = load_detector(str(root / file))
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  load_detector(NAME)   # from the cache: no second request
+  # the state_dict reader (--config.init_backbone_from) takes names too
+  got, want = porting.load_state_dict(NAME), porting.load_state_dict(str(root / file))
+  assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want)
+  assert server.requests.count(f"/{file}") == 1
+
+
+def test_a_corrupt_download_is_refused_and_nothing_is_cached(table, tmp_path):
+  table("ssdlite320_mobilenet_v3_large_coco-00000000.pth")
+  with pytest.raises(ValueError, match=r"is not the published file \(SHA-256 [0-9a-f]{16}\.\.\., expected "
+                                       r"00000000\.\.\.\); refused, nothing was kept"):
+    load_detector(NAME)
+  assert cached(tmp_path) == []
+
+
+def test_a_cut_download_leaves_nothing_and_the_next_use_downloads_it_again(published, table, tmp_path):
+  server, file, _ = published
+  table(file)
+  server.cut = True
+  try:
+    with pytest.raises(FileNotFoundError, match=r"stopped after \d+ of \d+ bytes; run again"):
+      load_detector(NAME)
+  finally:
+    server.cut = False
+  assert cached(tmp_path) == []
+  load_detector(NAME)
+  assert cached(tmp_path) == [file]
+
+
+def test_without_network_the_error_names_the_url_and_where_to_put_the_file(published, table, tmp_path,
+                                                                            monkeypatch):
+  _, file, _ = published
+  table(file)
+  monkeypatch.setenv("SSDLITE_JAX_WEIGHTS_URL", "http://127.0.0.1:9")   # the discard port: nothing listens
+  with pytest.raises(FileNotFoundError) as error:
+    load_detector(NAME)
+  message = str(error.value)
+  assert message.startswith(f"cannot download http://127.0.0.1:9/{file} (") and "\n" not in message
+  assert message.endswith(f"download it elsewhere and put it at {tmp_path / 'cache' / 'weights' / file}")
+
+
+def test_an_unknown_name_lists_the_known_ones():
+  with pytest.raises(FileNotFoundError, match="ssdlite999: no such checkpoint directory or weights file, nor a "
+                                              "weights name \\(ssdlite320_mobilenet_v3_large, ssd300_vgg16, "):
+    load_detector("ssdlite999")
