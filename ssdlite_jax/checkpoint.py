@@ -11,7 +11,7 @@ Saves are atomic: a killed writer leaves no half checkpoint. CKPT_DIR may be loc
 """
 
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import jax
 import ml_collections
@@ -37,8 +37,13 @@ finally:
   _absl_logger.setLevel(_level)
 
 
-def _variables_manager(ckpt_dir: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(files.absolute(ckpt_dir), options=ocp.CheckpointManagerOptions(create=True))
+def _variables_manager(ckpt_dir: str, best: bool = False) -> ocp.CheckpointManager:
+  """A manager that keeps every step; with `best`, one that ranks the steps saved with metrics by their "AP"."""
+  options = ocp.CheckpointManagerOptions(create=True)
+  if best:
+    options = ocp.CheckpointManagerOptions(create=False, best_fn=lambda m: m["AP"], best_mode="max",
+                                           keep_checkpoints_without_metrics=True)
+  return ocp.CheckpointManager(files.absolute(ckpt_dir), options=options)
 
 
 def train_manager(ckpt_dir: str, keep: int) -> ocp.CheckpointManager:
@@ -48,7 +53,10 @@ def train_manager(ckpt_dir: str, keep: int) -> ocp.CheckpointManager:
       ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["AP"], reverse=True, n=1,
                                     keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, enable_async_checkpointing=True)
+  # best_fn makes orbax write each step's metrics beside it (without, they live in this process only: a resumed
+  # run's policy would see the earlier best step as unevaluated, and --step best could not find it).
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True, enable_async_checkpointing=True,
+                                         best_fn=lambda m: m["AP"], best_mode="max")
   return ocp.CheckpointManager(files.absolute(ckpt_dir), options=options)
 
 
@@ -84,12 +92,18 @@ def save_variables(ckpt_dir: str, step: int, variables, model_config: ml_collect
     mngr.wait_until_finished()
 
 
-def load_variables(ckpt_dir: str, step: Optional[int] = None
+def load_variables(ckpt_dir: str, step: Union[int, str, None] = None
                    ) -> Tuple[Dict[str, Any], ml_collections.ConfigDict, int]:
-  """(variables, model config, step) of checkpoint `step` (default: the latest) in `ckpt_dir`."""
+  """(variables, model config, step) of checkpoint `step` in `ckpt_dir`: a step number, "best" (the highest AP of
+  the steps train.py evaluated) or None (the latest)."""
   if not files.isdir(ckpt_dir):
     raise FileNotFoundError(f"{ckpt_dir}: no such checkpoint directory")
-  with _variables_manager(ckpt_dir) as mngr:
+  with _variables_manager(ckpt_dir, best=step == "best") as mngr:
+    if step == "best":
+      step = mngr.best_step()
+      if step is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no evaluated checkpoint (train.py saves the COCO metrics with the "
+                                "steps it evaluates) to pick the best from")
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint in this directory")

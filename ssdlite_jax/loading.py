@@ -10,7 +10,7 @@ one (zoo.TORCHVISION_VARIANTS) whose state_dict keys it has, and the class count
 (Detector.num_classes_of); `model_config` fixes the variant (and post-processing settings) instead.
 """
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import ml_collections
 import numpy as np
@@ -21,10 +21,10 @@ from ssdlite_jax.zoo import TORCHVISION_VARIANTS, build_model, layouts
 
 
 def load_detector(source: str, model_config: Optional[ml_collections.ConfigDict] = None,
-                  step: Optional[int] = None) -> Tuple[Detector, Dict[str, Any], Optional[int]]:
-  """(detector, variables {"params", "batch_stats"}, step) of a checkpoint directory (step: that step, default
-  the latest), of a torchvision state_dict file or of released weights by name (weights.FILES; step None). Errors
-  name the file and the keys at fault."""
+                  step: Union[int, str, None] = None) -> Tuple[Detector, Dict[str, Any], Optional[int]]:
+  """(detector, variables {"params", "batch_stats"}, step) of a checkpoint directory (step: that step, "best"
+  (checkpoint.load_variables) or the latest), of a torchvision state_dict file or of released weights by name
+  (weights.FILES; step None). Errors name the file and the keys at fault."""
   source = weights.resolve(source)
   if not files.exists(source):
     raise FileNotFoundError(f"{source}: no such checkpoint directory or weights file, nor a weights name "

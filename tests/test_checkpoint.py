@@ -53,6 +53,24 @@ def test_train_state_round_trip_is_exact(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, variables, jax.device_get(state.variables))
 
 
+def test_step_best_is_the_highest_ap_of_the_evaluated_steps(tmp_path):
+  """step="best" (--step best) picks the evaluated step with the highest AP, not the latest step nor a step saved
+  without metrics; a directory without evaluated steps says so."""
+  config = tiny_model_config()
+  det = build_model(config)
+  tx, _ = optim.make_optimizer(optim.default_optim_config(), steps_per_epoch=10)
+  state = jax.device_get(create_train_state(det, tx, jax.random.key(0), make_mesh(jax.devices()[:1])))
+  with checkpoint.train_manager(str(tmp_path / "ckpt"), keep=5) as mngr:
+    for step, ap in ((1, None), (2, 0.25), (3, 0.5), (4, 0.125), (5, None)):
+      checkpoint.save_train_state(mngr, state.replace(step=np.int32(step)), config, ap and {"AP": ap})
+    mngr.wait_until_finished()
+  assert checkpoint.load_variables(str(tmp_path / "ckpt"), "best")[2] == 3
+  assert checkpoint.load_variables(str(tmp_path / "ckpt"))[2] == 5
+  checkpoint.save_variables(str(tmp_path / "ported"), 0, state.variables, config)
+  with pytest.raises(FileNotFoundError, match="ported: no evaluated checkpoint"):
+    checkpoint.load_variables(str(tmp_path / "ported"), "best")
+
+
 @pytest.mark.slow
 def test_checkpoint_from_more_devices_loads_on_one(tmp_path):
   """A checkpoint written with the state replicated on 4 devices (as train.py does) loads on 1 device."""

@@ -29,14 +29,19 @@ def test_only_our_info_lines_pass():
   assert not keep(_record(PACKAGE + "_plugins/train.py", logging.INFO))   # a sibling directory is not ours
 
 
-def test_tfds_custom_configuration_note_is_dropped():
-  """TFDS logs "Using custom data configuration" as a WARNING for every folder dataset: a note, not a problem."""
+def test_notes_logged_as_warnings_are_dropped():
+  """TFDS logs "Using custom data configuration" as a WARNING for every folder dataset, orbax "Requested
+  `tracked_metric`; did not provide metrics" for every checkpoint train.py saves without evaluating: notes, not
+  problems."""
   keep = OurInfoOnly().filter
   note = logging.LogRecord("absl", logging.WARNING, "/x/tensorflow_datasets/core/dataset_builder.py", 1414,
                            "Using custom data configuration: %s", ("synthetic_shapes_0",), None)
   assert not keep(note)
   note.msg = "Could not find the dataset: %s"
   assert keep(note)
+  orbax_note = logging.LogRecord("absl", logging.WARNING, orbax.checkpoint.__file__, 1489,
+                                 "Requested `tracked_metric`; did not provide metrics.", None, None)
+  assert not keep(orbax_note)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -181,7 +181,8 @@ def test_image_conversion():
 
 
 @pytest.mark.torch
-def test_predict_cli(ckpt_dir, torch_model, tmp_path):
+def test_predict_cli(ckpt_dir, torch_model, tmp_path, capsys):
+  """The deprecated flags (--checkpoint, --output, --min-score) still work, each with a deprecation line."""
   torch = import_or_skip("torch")
   img = (smooth_images(1, 240, 300, seed=3)[0] * 255).round().astype(np.uint8)
   Image.fromarray(img).save(tmp_path / "a.png")
@@ -194,6 +195,11 @@ def test_predict_cli(ckpt_dir, torch_model, tmp_path):
                 str(tmp_path / "a.png"), str(tmp_path / "bad.jpg")])
   records = json.loads((tmp_path / "d.json").read_text())
   assert [r["image"] for r in records] == [str(tmp_path / "a.png")]
+  warnings = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+  old = ["warning: --checkpoint is deprecated and will be removed: use --weights",
+         "warning: --output is deprecated and will be removed: use --out"]
+  assert warnings == old + old + [
+      "warning: --min-score is deprecated and will be removed: use --conf (it filters the JSON too)"]
   with torch.no_grad():
     ref = torch_model([torch.from_numpy(img).permute(2, 0, 1).float() / 255])[0]
   np.testing.assert_allclose(records[0]["scores"][:50], ref["scores"][:50].numpy(), atol=1e-5)
@@ -218,7 +224,7 @@ def test_predict_cli_on_a_folder_tree_and_a_pattern(ckpt_dir, tmp_path):
   scores = np.sort(np.concatenate([d["scores"] for d in full]))
   conf = float(scores[len(scores) // 2 - 1: len(scores) // 2 + 1].mean())   # between two scores: half kept
   out = tmp_path / "d.json"
-  predict.main(["--checkpoint", str(ckpt_dir), "--output", str(out), "--draw", str(tmp_path / "drawn"),
+  predict.main(["--weights", str(ckpt_dir), "--out", str(out), "--draw", str(tmp_path / "drawn"),
                 "--conf", str(conf), str(tree), str(tree / "b" / "*.png")])
   records = json.loads(out.read_text())
   assert [r["image"] for r in records] == found
@@ -234,9 +240,9 @@ def test_predict_cli_on_a_folder_tree_and_a_pattern(ckpt_dir, tmp_path):
     assert Image.open(tmp_path / "drawn" / rel).size == size, rel
   (tree / "b" / "c" / "deep.jpg").unlink()
   with pytest.raises(SystemExit, match="tree/b/c: a folder without image files"):
-    predict.main(["--checkpoint", str(ckpt_dir), "--output", str(out), str(tree / "b" / "c")])
+    predict.main(["--weights", str(ckpt_dir), "--out", str(out), str(tree / "b" / "c")])
   with pytest.raises(SystemExit, match=r"\*\.gif: no file matches this pattern"):
-    predict.main(["--checkpoint", str(ckpt_dir), "--output", str(out), str(tree / "*.gif")])
+    predict.main(["--weights", str(ckpt_dir), "--out", str(out), str(tree / "*.gif")])
 
 
 @pytest.mark.torch

@@ -216,7 +216,7 @@ def test_eval_predict_and_export_read_the_checkpoint_in_the_bucket(bucket_run, t
   config = synthetic.get_config()
   config.data.update(data_dir=train_cli["data_dir"], synthetic_num_train=24, synthetic_num_val=6)
   config.eval_batch_size = 6
-  metrics = {where: eval_cli.run(config, checkpoint_dir=ckpt, out_dir=out) for where, ckpt, out in (
+  metrics = {where: eval_cli.run(config, weights=ckpt, out_dir=out) for where, ckpt, out in (
       ("bucket", f"{BUCKET_RUN}/checkpoints", f"{BUCKET_RUN}/eval_cli"),
       ("local", str(local), str(tmp_path / "eval_cli")))}
   assert metrics["bucket"] == metrics["local"]
@@ -225,11 +225,12 @@ def test_eval_predict_and_export_read_the_checkpoint_in_the_bucket(bucket_run, t
   image = tmp_path / "shapes.png"
   PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (100, 140, 3), np.uint8)).save(image)
   files.upload(str(image), f"{BUCKET_RUN}/images/shapes.png")
-  for ckpt, root, img in ((f"{BUCKET_RUN}/checkpoints", BUCKET_RUN, f"{BUCKET_RUN}/images"),   # a folder
-                          (str(local), str(tmp_path), str(image))):
-    predict.main(["--checkpoint", ckpt, "--output", f"{root}/dets.json", "--draw", f"{root}/drawn", "--conf", "0",
-                  img])
-    export_cli.main(["--checkpoint", ckpt, "--format", "stablehlo", "--out", f"{root}/tiny.jaxexport"])
+  # the bucket: a folder of images, --step best (the evaluated final step, as the local copy's only step)
+  for ckpt, root, img, step in ((f"{BUCKET_RUN}/checkpoints", BUCKET_RUN, f"{BUCKET_RUN}/images", "best"),
+                                (str(local), str(tmp_path), str(image), str(STEPS))):
+    predict.main(["--weights", ckpt, "--step", step, "--out", f"{root}/dets.json", "--draw", f"{root}/drawn",
+                  "--conf", "0", img])
+    export_cli.main(["--weights", ckpt, "--format", "stablehlo", "--out", f"{root}/tiny.jaxexport"])
   got, want = (json.loads(files.read_text(f"{root}/dets.json")) for root in (BUCKET_RUN, tmp_path))
   assert [d["image"] for d in got] == [f"{BUCKET_RUN}/images/shapes.png"]
   assert [{k: v for k, v in d.items() if k != "image"} for d in got] == [

@@ -13,7 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
 # Other libraries' warnings that are notes, not problems: shown only with --verbosity >= 1.
-NOTES = ("Using custom data configuration",)   # TFDS, for every prepared folder dataset
+NOTES = ("Using custom data configuration",   # TFDS, for every prepared folder dataset
+         "Requested `tracked_metric`; did not provide metrics")   # orbax, for each checkpoint saved unevaluated
 
 
 class OurInfoOnly(logging.Filter):
@@ -80,3 +81,40 @@ def run_absl_program(main, module_name: str) -> None:
       absl_logging.get_absl_handler().addFilter(OurInfoOnly())
     return main(argv)
   app.run(quiet_main, flags_parser=_parse_flags)
+
+
+WEIGHTS_HELP = ("a checkpoint directory (train.py's WORKDIR/checkpoints, port_weights.py's), a torchvision "
+                ".pth or .safetensors file, or a weights name (ssdlite_jax/weights.py), local or gs://")
+STEP_HELP = "checkpoint step: a number, or best (the highest AP train.py evaluated); default: the latest"
+
+
+def checkpoint_step(text: str):
+  """--step's value: an int, or "best"."""
+  if text == "best":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f"--step={text}: a step number or best") from None
+
+
+def add_weights_arguments(parser) -> None:
+  """--weights and --step on an argparse parser, and the flags --weights replaces (hidden, deprecated)."""
+  import argparse
+  parser.add_argument("--weights", help=WEIGHTS_HELP)
+  parser.add_argument("--step", type=checkpoint_step, default=None, help=STEP_HELP)
+  parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+  parser.add_argument("--torch-weights", help=argparse.SUPPRESS)
+
+
+def weights_argument(args, parser) -> str:
+  """The weights the arguments name: --weights, or one of the deprecated --checkpoint / --torch-weights (with a
+  deprecation line); exactly one, else the parser's usage error."""
+  given = [(flag, value) for flag, value in (("--weights", args.weights), ("--checkpoint", args.checkpoint),
+                                             ("--torch-weights", args.torch_weights)) if value]
+  if len(given) != 1:
+    parser.error(f"give --weights once: {WEIGHTS_HELP}")
+  flag, value = given[0]
+  if flag != "--weights":
+    print(f"warning: {flag} is deprecated and will be removed: use --weights", file=sys.stderr)
+  return value

@@ -1,12 +1,13 @@
 """COCO evaluation of a checkpoint or of torchvision weights on a config's eval split.
 
-  python eval.py --config configs/ssdlite320.py --workdir runs/coco [--step N]
-  python eval.py --config configs/ssdlite320.py --checkpoint runs/coco/checkpoints --out eval_out
-  python eval.py --config configs/ssdlite320.py --torch-weights ssdlite320_mobilenet_v3_large_coco-a79551df.pth \
+  python eval.py --config configs/ssdlite320.py --workdir runs/coco [--step N|best]
+  python eval.py --config configs/ssdlite320.py --weights runs/coco/checkpoints --out eval_out
+  python eval.py --config configs/ssdlite320.py --weights ssdlite320_mobilenet_v3_large \
       --config.data.manual_dir=/data/coco_zips
 
-The model comes from the checkpoint's own model config (--workdir: WORKDIR/checkpoints; --checkpoint: that
-directory), or from config.model with --torch-weights (the class count is the file's). Data: config.data's eval
+The model comes from the checkpoint's own model config (--workdir: WORKDIR/checkpoints; --weights: a checkpoint
+directory), or from config.model with a weights file or name (the class count is the file's). --checkpoint and
+--torch-weights are the deprecated names of --weights. Data: config.data's eval
 split at global batch config.eval_batch_size. Prints COCOeval's summary and the per-class AP table; writes
 detections.json (COCO results), metrics.json, per_class.json and confusion_matrix.json to --out (default
 WORKDIR/eval, else ./eval_out), and plots/{pr_curve,confusion_matrix}.png and plots/val_batch_{labels,pred}.jpg
@@ -20,41 +21,47 @@ except ImportError:
 
 import os
 import sys
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssdlite_jax.cli import run_absl_program
+from ssdlite_jax.cli import STEP_HELP, WEIGHTS_HELP, checkpoint_step, run_absl_program
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (checkpoints in WORKDIR/checkpoints)")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "orbax checkpoint directory")
-_TORCH_WEIGHTS = flags.DEFINE_string("torch-weights", None, "torchvision state_dict (.pth / .safetensors)")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_WEIGHTS = flags.DEFINE_string("weights", None, WEIGHTS_HELP)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "deprecated: --weights")
+_TORCH_WEIGHTS = flags.DEFINE_string("torch-weights", None, "deprecated: --weights")
+_STEP = flags.DEFINE_string("step", None, STEP_HELP)
 _OUT = flags.DEFINE_string("out", None, "output directory (default: WORKDIR/eval, else ./eval_out)")
 
 
-def load_model(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] = None,
-               torch_weights: Optional[str] = None, step: Optional[int] = None):
-  """(detector, variables, step or None) from exactly one of workdir / checkpoint_dir / torch_weights; torch
-  weights are read as config.model describes them, with the class count of the file."""
+def load_model(config, *, workdir: Optional[str] = None, weights: Optional[str] = None,
+               checkpoint_dir: Optional[str] = None, torch_weights: Optional[str] = None,
+               step: Union[int, str, None] = None):
+  """(detector, variables, step or None) from exactly one of workdir / weights (a checkpoint directory, or a
+  weights file or name) / checkpoint_dir / torch_weights; weights files are read as config.model describes them,
+  with the class count of the file."""
+  from ssdlite_jax import files
   from ssdlite_jax.loading import load_detector
 
-  given = [n for n, v in (("workdir", workdir), ("checkpoint", checkpoint_dir), ("torch-weights", torch_weights))
-           if v]
+  given = [n for n, v in (("workdir", workdir), ("weights", weights), ("checkpoint", checkpoint_dir),
+                          ("torch-weights", torch_weights)) if v]
   if len(given) != 1:
-    raise ValueError(f"give exactly one of --workdir, --checkpoint, --torch-weights (got {given or 'none'})")
+    raise ValueError(f"give exactly one of --workdir, --weights (got {given or 'none'})")
+  if weights:
+    checkpoint_dir, torch_weights = (weights, None) if files.isdir(weights) else (None, weights)
   if torch_weights:
     if step is not None:
-      raise ValueError("--step applies to checkpoints, not to --torch-weights")
+      raise ValueError(f"--step applies to checkpoints, not to the weights file {torch_weights}")
     return load_detector(torch_weights, config.model)
   return load_detector(checkpoint_dir or os.path.join(workdir, "checkpoints"), step=step)
 
 
-def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] = None,
-        torch_weights: Optional[str] = None, step: Optional[int] = None,
-        out_dir: Optional[str] = None) -> Dict[str, float]:
+def run(config, *, workdir: Optional[str] = None, weights: Optional[str] = None,
+        checkpoint_dir: Optional[str] = None, torch_weights: Optional[str] = None,
+        step: Union[int, str, None] = None, out_dir: Optional[str] = None) -> Dict[str, float]:
   """Evaluates and returns the 12 COCO metrics (see ssdlite_jax.evaluation); ValueError on bad arguments."""
   import jax
   from ssdlite_jax import evaluation
@@ -62,7 +69,7 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
   from ssdlite_jax.data import pipeline
 
   # The model first: a wrong path fails at once, before a dataset is prepared.
-  detector, variables, step = load_model(config, workdir=workdir, checkpoint_dir=checkpoint_dir,
+  detector, variables, step = load_model(config, workdir=workdir, weights=weights, checkpoint_dir=checkpoint_dir,
                                          torch_weights=torch_weights, step=step)
   source = pipeline.open_source(config.data)
   info = source.info
@@ -76,8 +83,8 @@ def run(config, *, workdir: Optional[str] = None, checkpoint_dir: Optional[str] 
   batch_size = eval_batch_size(detector, config.eval_batch_size)
   batches, num_batches = pipeline.create_eval_dataset(
       source, global_batch_size=batch_size, image_size=detector.input_size)
-  weights = torch_weights or f"checkpoint step {step}"
-  print(f"evaluating {weights} on {config.data.name} ({num_batches} batches of {batch_size})",
+  described = f"checkpoint step {step}" if step is not None else weights or torch_weights
+  print(f"evaluating {described} on {config.data.name} ({num_batches} batches of {batch_size})",
         flush=True)
   plots = evaluation.EvalPlots(os.path.join(out_dir, "plots"), info.class_names,
                                pipeline.eval_examples(source, 16) if jax.process_index() == 0 else ())
@@ -94,9 +101,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required")
+  for flag in (_CHECKPOINT, _TORCH_WEIGHTS):
+    if flag.value:
+      print(f"warning: --{flag.name} is deprecated and will be removed: use --weights", file=sys.stderr)
   try:
-    run(_CONFIG.value, workdir=_WORKDIR.value, checkpoint_dir=_CHECKPOINT.value,
-        torch_weights=_TORCH_WEIGHTS.value, step=_STEP.value, out_dir=_OUT.value)
+    step = None if _STEP.value is None else checkpoint_step(_STEP.value)
+    run(_CONFIG.value, workdir=_WORKDIR.value, weights=_WEIGHTS.value, checkpoint_dir=_CHECKPOINT.value,
+        torch_weights=_TORCH_WEIGHTS.value, step=step, out_dir=_OUT.value)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 

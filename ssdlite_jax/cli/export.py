@@ -1,12 +1,12 @@
 """Export a trained detector for deployment, post-processing included.
 
-  python export.py --checkpoint runs/mine/checkpoints --format stablehlo --out mine.jaxexport
-  python export.py --torch-weights ssdlite320.pth --format tflite --out coco.tflite --score-thresh 0.3
-  python export.py --checkpoint DIR --format tflite-int8 --calibration-data configs/synthetic.py --out mine.tflite
-  python export.py --checkpoint DIR --format saved_model --out models/mine/1
-  python export.py --checkpoint gs://BUCKET/run/checkpoints --format stablehlo --out gs://BUCKET/mine.jaxexport
-  python export.py --checkpoint DIR --format onnx --out mine.onnx   # in the venv of requirements-onnx.txt
-  python export.py --torch-weights fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth --format stablehlo \
+  python export.py --weights runs/mine/checkpoints --format stablehlo --out mine.jaxexport
+  python export.py --weights ssdlite320_mobilenet_v3_large --format tflite --out coco.tflite --score-thresh 0.3
+  python export.py --weights DIR --format tflite-int8 --calibration-data configs/synthetic.py --out mine.tflite
+  python export.py --weights DIR --format saved_model --out models/mine/1
+  python export.py --weights gs://BUCKET/run/checkpoints --format stablehlo --out gs://BUCKET/mine.jaxexport
+  python export.py --weights DIR --format onnx --out mine.onnx   # in the venv of requirements-onnx.txt
+  python export.py --weights fasterrcnn_mobilenet_v3_large_320_fpn --format stablehlo \
       --input-size 480x640 --out frcnn.jaxexport
 
 Writes OUT and OUT.json (metadata: classes, input/output layout, post-processing). Formats: stablehlo
@@ -24,6 +24,7 @@ import os
 import sys
 
 from ssdlite_jax import export as export_lib
+from ssdlite_jax.cli import add_weights_arguments, weights_argument
 from ssdlite_jax.export import onnx, saved_model, stablehlo, tflite
 
 # each: export(...) -> (file bytes, or a function that fills a directory; metadata extras), and KERNELS
@@ -32,10 +33,7 @@ FORMATS = {"stablehlo": stablehlo, "tflite": tflite, "tflite-int8": tflite, "sav
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument("--checkpoint", help="orbax checkpoint directory (train.py / port_weights.py)")
-  src.add_argument("--torch-weights", help="torchvision state_dict (.pth or .safetensors)")
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  add_weights_arguments(parser)
   parser.add_argument("--format", required=True, choices=sorted(FORMATS))
   parser.add_argument("--out", required=True, help="file to write (and OUT.json)")
   parser.add_argument("--score-thresh", type=float, default=None, help="default: the model config's (0.001)")
@@ -47,14 +45,12 @@ def main(argv=None):
                       help="tflite-int8: a config file (e.g. configs/synthetic.py) whose data's train split calibrates")
   parser.add_argument("--calibration-images", type=int, default=200, help="tflite-int8: images to calibrate on")
   args = parser.parse_args(argv)
+  source = weights_argument(args, parser)
   if (args.format == "tflite-int8") != (args.calibration_data is not None):
     parser.error("--calibration-data is needed for --format tflite-int8, and only there")
 
   from ssdlite_jax.loading import load_detector  # after argument checks: importing JAX takes a while
   try:
-    if args.torch_weights and args.step is not None:
-      raise ValueError("--step applies to --checkpoint, not to --torch-weights")
-    source = args.checkpoint or args.torch_weights
     detector, variables, step = load_detector(source, step=args.step)
     module = FORMATS[args.format]
     if args.format not in detector.EXPORT_FORMATS:

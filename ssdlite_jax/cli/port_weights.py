@@ -1,11 +1,13 @@
 """Move SSDlite weights between torchvision and ssdlite-jax checkpoints.
 
-  python port_weights.py to-flax --torch IN.pth --out CKPT_DIR        (model variant and classes from IN.pth)
-  python port_weights.py to-flax --torch IN.pth --out CKPT_DIR --num-classes 3 --skip-mismatched
-  python port_weights.py to-torch --checkpoint CKPT_DIR --out OUT.pth   (or OUT.safetensors)
+  python port_weights.py to-flax --weights IN.pth --out CKPT_DIR       (model variant and classes from IN.pth)
+  python port_weights.py to-flax --weights ssdlite320_mobilenet_v3_large --out CKPT_DIR --num-classes 3 \
+      --skip-mismatched
+  python port_weights.py to-torch --weights CKPT_DIR [--step N|best] --out OUT.pth   (or OUT.safetensors)
 
-IN/OUT may be .pth (read with torch.load(weights_only=True)) or .safetensors. CKPT_DIR is the orbax
-checkpoint directory that train.py writes and eval.py / predict.py read.
+IN/OUT may be .pth (read with torch.load(weights_only=True)) or .safetensors, IN a weights name too
+(ssdlite_jax/weights.py). CKPT_DIR is the orbax checkpoint directory that train.py writes and eval.py /
+predict.py read. --torch (to-flax) and --checkpoint (to-torch) are the deprecated names of --weights.
 """
 
 import argparse
@@ -15,13 +17,25 @@ import jax
 import ml_collections
 
 from ssdlite_jax import checkpoint, files, porting
+from ssdlite_jax.cli import STEP_HELP, checkpoint_step
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.zoo import build_model, variant_name
 
 
+def _weights(args, old_flag: str, old_value):
+  """--weights, or the subcommand's deprecated name for it (with a deprecation line); exactly one."""
+  if bool(args.weights) == bool(old_value):
+    args.parser.error("give --weights once")
+  if old_value:
+    print(f"warning: {old_flag} is deprecated and will be removed: use --weights", file=sys.stderr)
+  return args.weights or old_value
+
+
 def to_flax(args):
+  args.torch = _weights(args, "--torch", args.torch)
   if files.isdir(args.torch):
-    raise ValueError(f"--torch {args.torch}: a directory; it takes a .pth or .safetensors file")
+    raise ValueError(f"--weights {args.torch}: a directory; to-flax takes a .pth or .safetensors file or a weights "
+                     "name")
   detector, variables, _ = load_detector(args.torch)
   classes = detector.config.num_classes
   if args.num_classes is not None and args.num_classes != classes:
@@ -41,8 +55,9 @@ def to_flax(args):
 
 
 def to_torch(args):
+  args.checkpoint = _weights(args, "--checkpoint", args.checkpoint)
   if not files.isdir(args.checkpoint):
-    raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such checkpoint directory")
+    raise FileNotFoundError(f"--weights {args.checkpoint}: no such checkpoint directory")
   detector, variables, step = load_detector(args.checkpoint, step=args.step)
   cfg = detector.config
   state_dict = porting.flax_to_torch(variables, detector)
@@ -62,7 +77,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("to-flax", help="torchvision state_dict -> orbax checkpoint")
-  p.add_argument("--torch", required=True, help=".pth or .safetensors state_dict")
+  p.add_argument("--weights", help=".pth or .safetensors state_dict, or a weights name")
+  p.add_argument("--torch", help=argparse.SUPPRESS)
   p.add_argument("--out", required=True, help="checkpoint directory to write")
   p.add_argument("--num-classes", type=int, default=None, help="default: the class count of --torch")
   p.add_argument("--skip-mismatched", action="store_true",
@@ -70,11 +86,13 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0, help="seed for re-initialised tensors")
   p.set_defaults(fn=to_flax)
   p = sub.add_parser("to-torch", help="orbax checkpoint -> torchvision state_dict")
-  p.add_argument("--checkpoint", required=True, help="checkpoint directory")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--weights", help="checkpoint directory")
+  p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+  p.add_argument("--step", type=checkpoint_step, default=None, help=STEP_HELP)
   p.add_argument("--out", required=True, help="output .pth or .safetensors")
   p.set_defaults(fn=to_torch)
   args = parser.parse_args(argv)
+  args.parser = sub.choices[args.command]
   try:
     args.fn(args)
   except (ValueError, FileNotFoundError) as e:

@@ -1,8 +1,8 @@
 """Run a detector on images: files, folders (searched recursively for image files) and glob patterns.
 
-  python predict.py --torch-weights ssdlite320.pth --output dets.json --draw out/ photos/ 'more/*.jpg'
-  python predict.py --checkpoint WORKDIR/checkpoints --output dets.json --conf 0 images/a.jpg
-  python predict.py --checkpoint gs://BUCKET/run/checkpoints --output gs://BUCKET/dets.json gs://BUCKET/a.jpg
+  python predict.py --weights ssdlite320_mobilenet_v3_large --out dets.json --draw drawn/ photos/ 'more/*.jpg'
+  python predict.py --weights WORKDIR/checkpoints --step best --out dets.json --conf 0 images/a.jpg
+  python predict.py --weights gs://BUCKET/run/checkpoints --out gs://BUCKET/dets.json gs://BUCKET/photos/
 
 Writes [{"image": path, "boxes": [[x1, y1, x2, y2], ...] (original pixels), "scores": [...], "labels": [...],
 "names": [class name per box]}, ...] with the detections scoring >= --conf (0.25, as Ultralytics; --conf 0 keeps
@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ssdlite_jax import files
+from ssdlite_jax.cli import add_weights_arguments, weights_argument
 from ssdlite_jax.visualize import draw_detections
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -78,10 +79,9 @@ def _batches(paths: List[Tuple[str, str]], size: int, skip_unreadable: bool) -> 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument("--checkpoint", help="orbax checkpoint directory (train.py / port_weights.py)")
-  src.add_argument("--torch-weights", help="torchvision state_dict (.pth or .safetensors)")
-  parser.add_argument("--output", required=True, help="detections JSON to write")
+  add_weights_arguments(parser)
+  parser.add_argument("--out", help="detections JSON to write")
+  parser.add_argument("--output", help=argparse.SUPPRESS)
   parser.add_argument("--draw", help="folder for images with detections drawn")
   parser.add_argument("--conf", type=float, default=0.25, help="keep detections scoring >= this (0: all)")
   parser.add_argument("--min-score", type=float, help="deprecated: --conf, which now filters the JSON too")
@@ -89,6 +89,12 @@ def main(argv=None):
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("images", nargs="+", help="image files, folders, glob patterns")
   args = parser.parse_args(argv)
+  weights = weights_argument(args, parser)
+  if args.output:
+    print("warning: --output is deprecated and will be removed: use --out", file=sys.stderr)
+    args.out = args.out or args.output
+  if not args.out:
+    parser.error("--out (the detections JSON to write) is required")
   if args.min_score is not None:
     print("warning: --min-score is deprecated and will be removed: use --conf (it filters the JSON too)",
           file=sys.stderr)
@@ -99,9 +105,9 @@ def main(argv=None):
     sys.exit(f"error: {e}")
 
   from ssdlite_jax.inference import Predictor  # after argument checks: importing JAX takes a while
+  from ssdlite_jax.loading import load_detector
   try:
-    predictor = (Predictor.from_checkpoint(args.checkpoint, batch_size=args.batch_size) if args.checkpoint
-                 else Predictor.from_torch(args.torch_weights, batch_size=args.batch_size))
+    predictor = Predictor(*load_detector(weights, step=args.step)[:2], batch_size=args.batch_size)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   names = predictor.class_names
@@ -116,8 +122,8 @@ def main(argv=None):
         drawn = draw_detections(image, det, names, args.conf)
         out = os.path.join(args.draw, os.path.splitext(rel)[0] + ".jpg")
         files.write_atomically(out, lambda tmp: drawn.save(tmp, format="JPEG", quality=92))
-  files.write_text_atomically(args.output, json.dumps(records))
-  print(f"wrote {args.output}: {sum(len(r['scores']) for r in records)} detections scoring >= {args.conf} in "
+  files.write_text_atomically(args.out, json.dumps(records))
+  print(f"wrote {args.out}: {sum(len(r['scores']) for r in records)} detections scoring >= {args.conf} in "
         f"{len(records)} images" + (f"; drawn into {args.draw}/" if args.draw else ""))
 
 
