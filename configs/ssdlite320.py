@@ -19,8 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 660
   config.max_steps = 0              # > 0 stops earlier (after this many optimizer steps)
   config.sync_bn = False            # torchvision's recipe: per-device BN statistics
-  config.init_from = ""             # "" = from scratch; a torchvision .pth/.safetensors or a checkpoint dir
-  config.init_backbone_from = ""    # an ImageNet backbone .pth/.safetensors (VGG16 only; see ssd300_vgg16.py)
+  config.init_from = ""             # "" = from scratch; a torchvision .pth/.safetensors, weights name or checkpoint dir
+  config.init_backbone_from = ""    # an ImageNet backbone .pth/.safetensors or name (e.g. mobilenet_v3_large)
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3       # the last K, plus the best by mAP

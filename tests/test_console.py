@@ -59,3 +59,32 @@ def test_a_config_error_is_one_line_naming_the_flag(args, message, tmp_path):
   assert result.returncode == 2, result.stderr
   assert result.stderr.splitlines() == [message]
   assert not os.path.exists(tmp_path / "run")
+
+
+def _leaves(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key} = {value!r}"
+
+
+def test_config_help_lists_every_field_with_its_value_and_help():
+  """train.py --config FILE --config-help (no --workdir): every leaf field of the config with its value, overrides
+  applied, and under a field what the config file's line comment (else that of the config it builds on) or the
+  data defaults' docstring says."""
+  from configs import synthetic
+  config = synthetic.get_config()
+  config.batch_size = 3
+  result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", "configs/synthetic.py",
+                           "--config.batch_size=3", "--config-help"], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert [line for line in lines if not line.startswith("    ")] == list(_leaves(config.to_dict()))
+  help_of = {lines[i]: lines[i + 1].strip() for i in range(len(lines) - 1) if lines[i + 1].startswith("    ")}
+  assert help_of["model.num_classes = 4"] == "background + ellipse, rectangle, triangle (checked against the data)"
+  assert help_of["eval_every_epochs = 0"] == "evaluate once, at the end"   # the file's own, not ssdlite320.py's
+  assert help_of["data.augmentation = 'ssdlite'"].startswith("'ssdlite' | 'ssd' | 'hflip' | 'none' (training;")
+  assert help_of["data.name = 'synthetic'"].endswith("then prepared as coco_folder).")   # continuation joined
+  assert help_of["batch_size = 3"].startswith("global; 24 per device on 8 devices")

@@ -14,7 +14,7 @@ import os
 import sys
 
 import jax
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from ssdlite_jax import checkpoint  # noqa: F401  (orbax: defines the flag set below)
@@ -23,8 +23,10 @@ from ssdlite_jax.porting import reads_torch
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics (local or gs://); required.")
+flags.DEFINE_bool("config-help", False, "Print every field of --config (set with --config.FIELD=value) with its "
+                  "value and what it does, then exit.")
+flags.mark_flags_as_required(["config"])
 # orbax's checkpoint barriers through the jax.distributed coordination service, with its long timeouts, instead
 # of device collectives: between CPU processes (gloo) those fail when a peer arrives more than 30 s late.
 if "experimental_orbax_use_distributed_barrier" in FLAGS:
@@ -34,6 +36,12 @@ if "experimental_orbax_use_distributed_barrier" in FLAGS:
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS["config-help"].value:
+    from ssdlite_jax.cli import config_help
+    print(config_help.describe(config, config_flags.get_config_filename(FLAGS["config"])))
+    return
+  if FLAGS.workdir is None:
+    raise app.UsageError("--workdir is required: where checkpoints, logs and metrics go")
   if reads_torch(config.init_from) or reads_torch(config.init_backbone_from):
     import torch  # noqa: F401  (before TensorFlow, which training imports: the reverse order segfaults)
   from ssdlite_jax import training
