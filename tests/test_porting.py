@@ -207,25 +207,32 @@ def test_predict_cli(ckpt_dir, torch_model, tmp_path, capsys):
 
 
 @pytest.mark.torch
-def test_predict_cli_on_a_folder_tree_and_a_pattern(ckpt_dir, tmp_path):
-  """Folders are searched at any depth for image files (other files left out) and patterns expanded; the JSON
-  keeps the Predictor's detections scoring >= --conf, with class names; drawn copies keep their paths relative to
-  the folder, so two img.png in different folders are both drawn; a folder without images or a pattern that
-  matches nothing is a one-line error."""
+def test_predict_cli_on_a_folder_tree_a_pattern_and_a_url(ckpt_dir, tmp_path):
+  """Folders are searched at any depth for image files (other files left out), patterns expanded, URLs fetched
+  (from a local HTTP server); the JSON keeps the Predictor's detections scoring >= --conf, with class names; drawn
+  copies keep their paths relative to the folder, so two img.png in different folders are both drawn; a folder
+  without images, a pattern that matches nothing or a URL that answers 404 is a one-line error."""
+  import functools
+  import http.server
+  import threading
   tree = tmp_path / "tree"
   for i, rel in enumerate(["a/img.png", "b/img.png", "b/c/deep.jpg"]):
     (tree / rel).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((smooth_images(1, 100 + 30 * i, 160, seed=10 + i)[0] * 255).round().astype(np.uint8)).save(
         tree / rel, quality=95)
   (tree / "b" / "notes.txt").write_text("not an image")
-  found = [str(tree / r) for r in ("a/img.png", "b/c/deep.jpg", "b/img.png")] + [str(tree / "b" / "img.png")]
+  quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(tree)))
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  url = f"http://127.0.0.1:{server.server_address[1]}/b/c/deep.jpg"
+  found = [str(tree / r) for r in ("a/img.png", "b/c/deep.jpg", "b/img.png")] + [str(tree / "b" / "img.png"), url]
   predictor = Predictor.from_checkpoint(str(ckpt_dir))
-  full = predictor([predict.read_image(p) for p in found])
+  full = predictor([predict.read_image(p) for p in found[:-1]] + [predict.read_image(str(tree / "b/c/deep.jpg"))])
   scores = np.sort(np.concatenate([d["scores"] for d in full]))
   conf = float(scores[len(scores) // 2 - 1: len(scores) // 2 + 1].mean())   # between two scores: half kept
   out = tmp_path / "d.json"
   predict.main(["--weights", str(ckpt_dir), "--out", str(out), "--draw", str(tmp_path / "drawn"),
-                "--conf", str(conf), str(tree), str(tree / "b" / "*.png")])
+                "--conf", str(conf), str(tree), str(tree / "b" / "*.png"), url])
   records = json.loads(out.read_text())
   assert [r["image"] for r in records] == found
   for r, want in zip(records, full):
@@ -236,13 +243,16 @@ def test_predict_cli_on_a_folder_tree_and_a_pattern(ckpt_dir, tmp_path):
     assert r["names"] == [predictor.class_names[i] for i in r["labels"]]
   assert 0 < sum(len(r["scores"]) for r in records) == (scores >= conf).sum() < len(scores)
   for rel, size in (("a/img.jpg", (160, 100)), ("b/img.jpg", (160, 130)), ("b/c/deep.jpg", (160, 160)),
-                    ("img.jpg", (160, 130))):
+                    ("img.jpg", (160, 130)), ("deep.jpg", (160, 160))):
     assert Image.open(tmp_path / "drawn" / rel).size == size, rel
   (tree / "b" / "c" / "deep.jpg").unlink()
   with pytest.raises(SystemExit, match="tree/b/c: a folder without image files"):
     predict.main(["--weights", str(ckpt_dir), "--out", str(out), str(tree / "b" / "c")])
   with pytest.raises(SystemExit, match=r"\*\.gif: no file matches this pattern"):
     predict.main(["--weights", str(ckpt_dir), "--out", str(out), str(tree / "*.gif")])
+  with pytest.raises(SystemExit, match=r"b/c/deep\.jpg: cannot read image \(File not found\)"):
+    predict.main(["--weights", str(ckpt_dir), "--out", str(out), url])
+  server.shutdown()
 
 
 @pytest.mark.torch

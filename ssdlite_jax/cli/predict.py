@@ -1,4 +1,4 @@
-"""Run a detector on images: files, folders (searched recursively for image files) and glob patterns.
+"""Run a detector on images: files, folders (searched recursively for image files), glob patterns, http(s) URLs.
 
   python predict.py --weights ssdlite320_mobilenet_v3_large --out dets.json --draw drawn/ photos/ 'more/*.jpg'
   python predict.py --weights WORKDIR/checkpoints --step best --out dets.json --conf 0 images/a.jpg
@@ -13,9 +13,12 @@ and drawn --batch-size at a time. EXIF orientation is applied before detection (
 
 import argparse
 import glob
+import io
 import json
 import os
 import sys
+import urllib.parse
+import urllib.request
 from typing import Iterator, List, Tuple
 
 import numpy as np
@@ -28,23 +31,34 @@ from ssdlite_jax.visualize import draw_detections
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
+def _is_url(path: str) -> bool:
+  return path.startswith(("http://", "https://"))
+
+
 def read_image(path: str) -> np.ndarray:
-  """H x W x 3 uint8 RGB of an image file (EXIF-rotated); a ValueError naming the file if unreadable."""
+  """H x W x 3 uint8 RGB of an image file or http(s) URL (EXIF-rotated); a ValueError naming it if unreadable."""
   try:
-    with files.open_file(path, "rb") as f, Image.open(f) as im:
+    if _is_url(path):
+      with urllib.request.urlopen(path, timeout=60) as response:
+        data = io.BytesIO(response.read())
+    else:
+      data = files.open_file(path, "rb")
+    with data as f, Image.open(f) as im:
       im.load()
       return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-  except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f"{path}: cannot read image ({e})") from None
+  except (OSError, SyntaxError, ValueError) as e:   # urllib's URLError and HTTPError are OSErrors
+    raise ValueError(f"{path}: cannot read image ({getattr(e, 'reason', e)})") from None
 
 
 def find_images(inputs: List[str]) -> List[Tuple[str, str]]:
-  """(path, path relative to where it was found) of each input: a file as given (relative: its name), a folder's
-  image files (IMAGE_EXTENSIONS, any depth, sorted), a local glob pattern's matches. A ValueError names an input
-  that matches nothing."""
+  """(path, path relative to where it was found) of each input: a file or URL as given (relative: its name), a
+  folder's image files (IMAGE_EXTENSIONS, any depth, sorted), a local glob pattern's matches. A ValueError names
+  an input that matches nothing."""
   found = []
   for given in inputs:
-    if files.isdir(given):
+    if _is_url(given):
+      found.append((given, os.path.basename(urllib.parse.urlparse(given).path) or "image"))
+    elif files.isdir(given):
       images = sorted(p for p in files.walk_files(given) if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
       if not images:
         raise ValueError(f"{given}: a folder without image files ({', '.join(IMAGE_EXTENSIONS)})")
@@ -87,7 +101,7 @@ def main(argv=None):
   parser.add_argument("--min-score", type=float, help="deprecated: --conf, which now filters the JSON too")
   parser.add_argument("--skip-unreadable", action="store_true", help="warn and skip unreadable images")
   parser.add_argument("--batch-size", type=int, default=8)
-  parser.add_argument("images", nargs="+", help="image files, folders, glob patterns")
+  parser.add_argument("images", nargs="+", help="image files, folders, glob patterns, http(s) URLs")
   args = parser.parse_args(argv)
   weights = weights_argument(args, parser)
   if args.output:
