@@ -3,7 +3,7 @@
   python train.py --config configs/custom_coco.py --workdir runs/mine \
       --config.data.root=/data/mine --config.data.train_ann=annotations/instances_train.json \
       --config.data.val_ann=annotations/instances_val.json --config.model.num_classes=N+1 \
-      --config.init_from=ssdlite320_mobilenet_v3_large_coco-a79551df.pth
+      --config.init_from=ssdlite320_mobilenet_v3_large
 
 num_classes must be the dataset's category count + 1 (train.py checks it); starting from torchvision's COCO
 weights re-initialises the classification head when the class count differs.

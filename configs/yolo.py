@@ -2,7 +2,7 @@
 
   python train.py --config configs/yolo.py --workdir runs/mine \
       --config.data.yaml=/data/mine/data.yaml --config.model.num_classes=N+1 \
-      --config.init_from=ssdlite320_mobilenet_v3_large_coco-a79551df.pth
+      --config.init_from=ssdlite320_mobilenet_v3_large
 
 The dataset is converted to COCO jsons under data_dir/converted (re-done when the YAML or labels change) and
 prepared as a COCO folder; num_classes is len(names) + 1 (background). See ssdlite_jax/data/yolo.py.

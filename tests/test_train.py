@@ -78,7 +78,7 @@ def test_short_run_trains_evaluates_and_logs(full_run, train_cli):
   assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in proc.stdout
   # absl's Python INFO lines ("I1201 19:14:35.31 1400 writer.py:444] ...") come from our files only (no
   # orbax/TFDS/jax). Not C++ ones: on AVX-512 CPUs TF 2.21 logs "I0000 ... port.cc:153] oneDNN custom operations
-  # are on" at any TF_CPP_MIN_LOG_LEVEL (README, console).
+  # are on" at any TF_CPP_MIN_LOG_LEVEL (docs/training.md, console).
   info_sources = set(re.findall(r"^I\d{4} [\d:.]+\s+\d+ ([\w.]+\.py):\d+\]", proc.stderr, re.M))
   ours = {name for _, _, files in os.walk(os.path.dirname(ssdlite_jax.__file__)) for name in files}
   assert "training.py" in info_sources and info_sources <= ours, info_sources - ours

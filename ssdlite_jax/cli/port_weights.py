@@ -68,7 +68,7 @@ def to_torch(args):
               "fasterrcnn_mobilenet_v3_large_fpn"):
     how = (f"torchvision.models.detection.{name}(weights=None, weights_backbone=None, "
            f"num_classes={cfg.num_classes}).load_state_dict(...)")
-  else:   # torchvision has no builder (README: The SSD family)
+  else:   # torchvision has no builder (docs/models.md: The SSD family)
     how = f"load_state_dict(...) on a torch SSD built as {name or 'this architecture'} ({cfg.num_classes} classes)"
   print(f"wrote {args.out} ({len(state_dict)} tensors from step {step}); load it with {how}")
 
