@@ -97,10 +97,14 @@ def local_file(path: PathLike) -> Iterator[str]:
     yield os.fspath(path)
     return
   with tempfile.TemporaryDirectory(prefix="ssdlite_jax_") as folder:
-    local = os.path.join(folder, epath.Path(path).name)
-    with epath.Path(path).open("rb") as src, open(local, "wb") as dst:
-      shutil.copyfileobj(src, dst)
-    yield local
+    yield download(path, os.path.join(folder, epath.Path(path).name))
+
+
+def download(path: PathLike, local: str) -> str:
+  """Copies remote file `path` to local file `local`; returns `local`."""
+  with epath.Path(path).open("rb") as src, open(local, "wb") as dst:
+    shutil.copyfileobj(src, dst)
+  return local
 
 
 def upload(local: str, path: PathLike) -> None:
@@ -170,9 +174,7 @@ class Mirror:
     for name in fetch if self.remote else ():
       src = epath.Path(self.path) / name
       if src.exists():
-        local = os.path.join(self.local, name)
-        with src.open("rb") as f, open(local, "wb") as out:
-          shutil.copyfileobj(f, out)
+        local = download(src, os.path.join(self.local, name))
         stat = os.stat(local)
         self._uploaded[local] = (stat.st_size, stat.st_mtime_ns)
 
