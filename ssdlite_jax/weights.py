@@ -6,17 +6,18 @@ prefix in their file name (as torch.hub does), kept in a cache.
 Everything that loads weights (loading.load_detector: --torch-weights, --config.init_from; porting.load_state_dict:
 --config.init_backbone_from) takes these names. Files come from BASE_URL (SSDLITE_JAX_WEIGHTS_URL overrides it,
 e.g. for a mirror) into CACHE_DIR/weights (SSDLITE_JAX_CACHE, default ~/.cache/ssdlite_jax). A download goes to a
-temporary file beside its destination and is renamed there only when complete and verified: a refused or cut
-download leaves nothing behind, and the next use downloads it again.
+temporary file beside its destination (files.write_atomically) and is renamed there only when complete and
+verified: a refused or cut download leaves nothing behind, and the next use downloads it again.
 """
 
 import hashlib
 import http.client
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
+
+from ssdlite_jax import files
 
 BASE_URL = "https://download.pytorch.org/models"
 # name (torchvision's builder) -> file on BASE_URL, "-<SHA-256 prefix>." in its name
@@ -40,7 +41,6 @@ def cache_dir() -> str:
 def resolve(source: str) -> str:
   """`source` itself unless it is a weights name (FILES) and no such file or folder exists: then the cached file,
   downloaded first if needed."""
-  from ssdlite_jax import files
   if source not in FILES or files.exists(source):
     return source
   return fetch(source)
@@ -55,11 +55,10 @@ def fetch(name: str) -> str:
   if os.path.exists(path):
     return path
   url = f"{os.environ.get('SSDLITE_JAX_WEIGHTS_URL', BASE_URL).rstrip('/')}/{file}"
-  os.makedirs(cache_dir(), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=cache_dir(), prefix=file + ".", suffix=".part")
-  try:
-    with os.fdopen(fd, "wb") as out:
-      digest, size, expected = _download(url, out)
+
+  def write(tmp):   # into files.write_atomically's temporary file: kept only if this returns
+    with open(tmp, "wb") as out:
+      digest, size, expected = _download(url, out, path)
     if expected is not None and size != expected:
       raise FileNotFoundError(f"weights {name!r}: the download of {url} stopped after {size} of {expected} bytes; "
                               "run again to download it again")
@@ -67,17 +66,14 @@ def fetch(name: str) -> str:
     if not digest.startswith(want):
       raise ValueError(f"weights {name!r}: {url} is not the published file (SHA-256 {digest[:16]}..., expected "
                        f"{want}...); refused, nothing was kept")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  files.write_atomically(path, write)
   print(f"downloaded {url} to {path}")
   return path
 
 
-def _download(url: str, out):
-  """Streams `url` into file `out`: (sha256 hex digest, bytes written, Content-Length or None)."""
-  where = os.path.join(cache_dir(), os.path.basename(url))
+def _download(url: str, out, where: str):
+  """Streams `url` into file `out`: (sha256 hex digest, bytes written, Content-Length or None). `where`: the
+  cached file's path, named in the error when it cannot be downloaded."""
   try:
     with urllib.request.urlopen(url, timeout=60) as response:
       length = response.headers.get("Content-Length")

@@ -88,6 +88,11 @@ WEIGHTS_HELP = ("a checkpoint directory (train.py's WORKDIR/checkpoints, port_we
 STEP_HELP = "checkpoint step: a number, or best (the highest AP train.py evaluated); default: the latest"
 
 
+def deprecated(flag: str, use: str) -> None:
+  """The one line a deprecated flag prints: what to `use` instead."""
+  print(f"warning: {flag} is deprecated and will be removed: use {use}", file=sys.stderr)
+
+
 def checkpoint_step(text: str):
   """--step's value: an int, or "best"."""
   if text == "best":
@@ -116,5 +121,5 @@ def weights_argument(args, parser) -> str:
     parser.error(f"give --weights once: {WEIGHTS_HELP}")
   flag, value = given[0]
   if flag != "--weights":
-    print(f"warning: {flag} is deprecated and will be removed: use --weights", file=sys.stderr)
+    deprecated(flag, "--weights")
   return value

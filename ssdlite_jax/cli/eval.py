@@ -26,7 +26,7 @@ from typing import Dict, Optional, Union
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssdlite_jax.cli import STEP_HELP, WEIGHTS_HELP, checkpoint_step, run_absl_program
+from ssdlite_jax.cli import STEP_HELP, WEIGHTS_HELP, checkpoint_step, deprecated, run_absl_program
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (checkpoints in WORKDIR/checkpoints)")
@@ -103,7 +103,7 @@ def main(argv):
     raise app.UsageError("--config is required")
   for flag in (_CHECKPOINT, _TORCH_WEIGHTS):
     if flag.value:
-      print(f"warning: --{flag.name} is deprecated and will be removed: use --weights", file=sys.stderr)
+      deprecated(f"--{flag.name}", "--weights")
   try:
     step = None if _STEP.value is None else checkpoint_step(_STEP.value)
     run(_CONFIG.value, workdir=_WORKDIR.value, weights=_WEIGHTS.value, checkpoint_dir=_CHECKPOINT.value,

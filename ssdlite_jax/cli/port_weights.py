@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from ssdlite_jax import checkpoint, files, porting
-from ssdlite_jax.cli import STEP_HELP, checkpoint_step
+from ssdlite_jax.cli import STEP_HELP, checkpoint_step, deprecated
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.zoo import build_model, variant_name
 
@@ -27,7 +27,7 @@ def _weights(args, old_flag: str, old_value):
   if bool(args.weights) == bool(old_value):
     args.parser.error("give --weights once")
   if old_value:
-    print(f"warning: {old_flag} is deprecated and will be removed: use --weights", file=sys.stderr)
+    deprecated(old_flag, "--weights")
   return args.weights or old_value
 
 

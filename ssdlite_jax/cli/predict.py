@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ssdlite_jax import files
-from ssdlite_jax.cli import add_weights_arguments, weights_argument
+from ssdlite_jax.cli import add_weights_arguments, deprecated, weights_argument
 from ssdlite_jax.visualize import draw_detections
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -105,13 +105,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   weights = weights_argument(args, parser)
   if args.output:
-    print("warning: --output is deprecated and will be removed: use --out", file=sys.stderr)
+    deprecated("--output", "--out")
     args.out = args.out or args.output
   if not args.out:
     parser.error("--out (the detections JSON to write) is required")
   if args.min_score is not None:
-    print("warning: --min-score is deprecated and will be removed: use --conf (it filters the JSON too)",
-          file=sys.stderr)
+    deprecated("--min-score", "--conf (it filters the JSON too)")
     args.conf = args.min_score
   try:
     paths = find_images(args.images)
