@@ -1,7 +1,9 @@
 """Released weights by name: torchvision's published files, downloaded on first use, verified against the SHA-256
-prefix in their file name (as torch.hub does), kept in a cache.
+prefix in their file name (as torch.hub does), kept in a cache and ported once into a .safetensors beside it
+(the same state_dict, read without torch: a name needs torch only on its first use).
 
-    weights.resolve("ssdlite320_mobilenet_v3_large")   # CACHE/weights/ssdlite320_mobilenet_v3_large_coco-a79551df.pth
+    weights.resolve("ssdlite320_mobilenet_v3_large")
+    # CACHE/weights/ssdlite320_mobilenet_v3_large_coco-a79551df.safetensors (from the .pth of that name)
 
 Everything that loads weights (loading.load_detector: --torch-weights, --config.init_from; porting.load_state_dict:
 --config.init_backbone_from) takes these names. Files come from BASE_URL (SSDLITE_JAX_WEIGHTS_URL overrides it,
@@ -39,15 +41,21 @@ def cache_dir() -> str:
 
 
 def resolve(source: str) -> str:
-  """`source` itself unless it is a weights name (FILES) and no such file or folder exists: then the cached file,
-  downloaded first if needed."""
+  """`source` itself unless it is a weights name (FILES) and no such file or folder exists: then its ported
+  .safetensors in the cache, made first from the .pth (fetch) if needed."""
   if source not in FILES or files.exists(source):
     return source
-  return fetch(source)
+  ported = os.path.join(cache_dir(), os.path.splitext(FILES[source])[0] + ".safetensors")
+  if not os.path.exists(ported):
+    from ssdlite_jax import porting   # porting resolves names through this module
+    pth = fetch(source)
+    porting.save_state_dict(porting.load_state_dict(pth), ported)
+    print(f"ported {pth} to {ported}: later uses read it without torch")
+  return ported
 
 
 def fetch(name: str) -> str:
-  """The cached file of weights `name`, downloaded and verified first if it is not there. Errors are one line:
+  """The cached .pth of weights `name`, downloaded and verified first if it is not there. Errors are one line:
   FileNotFoundError when it cannot be downloaded (naming the URL and where to put the file by hand), ValueError
   when the download is not the published file."""
   file = FILES[name]

@@ -1,10 +1,11 @@
 """Weights by name (ssdlite_jax/weights.py) against an HTTP server on localhost serving generated files: download,
-verification against the hash in the file name, the cache, a corrupt and a cut download, no network, an unknown
-name."""
+verification against the hash in the file name, the cache and its ported .safetensors, a corrupt and a cut
+download, no network, an unknown name."""
 
 import hashlib
 import http.server
 import os
+import sys
 import threading
 
 import numpy as np
@@ -81,24 +82,33 @@ def cached(tmp_path):
   return sorted(os.listdir(folder)) if folder.exists() else []
 
 
-def test_a_name_downloads_once_and_loads_as_the_file(published, table, tmp_path):
-  """The name downloads the published file into the cache (byte for byte) and loads as that file does; the next
-  use reads the cache."""
+def test_a_name_downloads_once_is_ported_once_and_loads_as_the_file(published, table, tmp_path, monkeypatch):
+  """The name downloads the published file into the cache (byte for byte), ports it once into a .safetensors of
+  the same state_dict and loads as the .pth does; later uses read that .safetensors: no second request, no torch
+  (even with the .pth gone)."""
   import jax
   server, file, root = published
   table(file)
+  ported = file.replace(".pth", ".safetensors")
   detector, variables, step = load_detector(NAME)
   assert step is None and detector.config.num_classes == 91
-  assert cached(tmp_path) == [file] and server.requests.count(f"/{file}") == 1
+  assert cached(tmp_path) == [file, ported] and server.requests.count(f"/{file}") == 1
   assert (tmp_path / "cache" / "weights" / file).read_bytes() == (root / file).read_bytes()
+  want_state = porting.load_state_dict(str(root / file))
+  got_state = porting.load_state_dict(str(tmp_path / "cache" / "weights" / ported))
+  assert sorted(got_state) == sorted(want_state)   # (.safetensors sorts its keys)
+  for k, v in want_state.items():
+    assert got_state[k].dtype == v.dtype and got_state[k].shape == v.shape and np.array_equal(got_state[k], v), k
   _, want, _ = load_detector(str(root / file))
-  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(want), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  load_detector(NAME)   # from the cache: no second request
+  (tmp_path / "cache" / "weights" / file).unlink()
+  monkeypatch.setitem(sys.modules, "torch", None)   # `import torch` raises ModuleNotFoundError
+  for again in (load_detector(NAME)[1], load_detector(NAME)[1]):
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(want), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # the state_dict reader (--config.init_backbone_from) takes names too
-  got, want = porting.load_state_dict(NAME), porting.load_state_dict(str(root / file))
-  assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want)
-  assert server.requests.count(f"/{file}") == 1
+  got = porting.load_state_dict(NAME)
+  assert sorted(got) == sorted(want_state) and all(np.array_equal(got[k], want_state[k]) for k in want_state)
+  assert server.requests.count(f"/{file}") == 1 and cached(tmp_path) == [ported]
 
 
 def test_a_corrupt_download_is_refused_and_nothing_is_cached(table, tmp_path):
@@ -120,7 +130,7 @@ def test_a_cut_download_leaves_nothing_and_the_next_use_downloads_it_again(publi
     server.cut = False
   assert cached(tmp_path) == []
   load_detector(NAME)
-  assert cached(tmp_path) == [file]
+  assert cached(tmp_path) == [file, file.replace(".pth", ".safetensors")]
 
 
 def test_without_network_the_error_names_the_url_and_where_to_put_the_file(published, table, tmp_path,
