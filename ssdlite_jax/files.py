@@ -115,29 +115,36 @@ def upload(local: str, path: PathLike) -> None:
     shutil.copyfileobj(src, out)
 
 
-def write_atomically(path: PathLike, write: Callable[[str], None]) -> str:
-  """Calls write(tmp) for a fresh temporary local path (same extension, for writers that go by it), then puts it
-  at `path`: renamed over it on local disk, uploaded whole to object storage. On failure `path` is left as it
-  was and the temporary file is removed."""
+@contextlib.contextmanager
+def writing(path: PathLike) -> Iterator[str]:
+  """A fresh temporary local path (same extension, for writers that go by it) to write; when the block ends
+  without an exception it is put at `path`: renamed over it on local disk, uploaded whole to object storage. On
+  an exception `path` is left as it was and the temporary file is removed."""
   path = os.fspath(path)
   if is_remote(path):
     with tempfile.TemporaryDirectory(prefix="ssdlite_jax_") as folder:
       tmp = os.path.join(folder, os.path.basename(path))
-      write(tmp)
+      yield tmp
       upload(tmp, path)
-    return path
+    return
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".",
                              suffix=".tmp" + os.path.splitext(path)[1])
   os.close(fd)
   try:
-    write(tmp)
+    yield tmp
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  return path
+
+
+def write_atomically(path: PathLike, write: Callable[[str], None]) -> str:
+  """Calls write(tmp) for a temporary local path that is then put at `path` (`writing`); returns `path`."""
+  with writing(path) as tmp:
+    write(tmp)
+  return os.fspath(path)
 
 
 def write_text_atomically(path: PathLike, text: str) -> str:
