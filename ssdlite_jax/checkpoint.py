@@ -39,10 +39,9 @@ finally:
 
 def _variables_manager(ckpt_dir: str, best: bool = False) -> ocp.CheckpointManager:
   """A manager that keeps every step; with `best`, one that ranks the steps saved with metrics by their "AP"."""
-  options = ocp.CheckpointManagerOptions(create=True)
-  if best:
-    options = ocp.CheckpointManagerOptions(create=False, best_fn=lambda m: m["AP"], best_mode="max",
-                                           keep_checkpoints_without_metrics=True)
+  options = (ocp.CheckpointManagerOptions(create=False, best_fn=lambda m: m["AP"], best_mode="max",
+                                         keep_checkpoints_without_metrics=True) if best
+             else ocp.CheckpointManagerOptions(create=True))
   return ocp.CheckpointManager(files.absolute(ckpt_dir), options=options)
 
 

@@ -1,9 +1,11 @@
 """Test helpers: optional imports that may skip only outside CI, the environment and the train.py command for
-subprocesses, detections compared one to one."""
+subprocesses, checkpoints committed in a bucket, detections compared one to one, an HTTP server on localhost."""
 
+import http.server
 import importlib
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -85,6 +87,14 @@ def train_command(train_cli, workdir, *, batch, steps, lr, extras=False, overrid
           f"--config.optim.learning_rate={lr}", f"--config.optim.base_batch_size={batch}", *overrides]
 
 
+def committed_steps(workdir):
+  """The checkpoint steps orbax finished in a bucket workdir, sorted (it marks one with commit_success.txt: object
+  storage has no atomic rename); [] before its checkpoints/ folder exists."""
+  from etils import epath
+  folder = epath.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in folder.iterdir() if (p / "commit_success.txt").exists()) if folder.exists() else []
+
+
 def assert_same_detections(got, want, score_atol, box_atol):
   """got and want: (boxes [n, 4] xyxy px, names or labels [n], scores [n]); the same detections, one to one, in
   any order among scores equal within score_atol (runtimes order those differently): each got row takes the
@@ -127,3 +137,38 @@ def box_iou(a, b) -> float:
   ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
   inter = iw * ih
   return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+class Server:
+  """Serves the files under `root` on a free localhost port (`url`; others 404) and records the paths asked for in
+  `requests`; while `cut` is set it sends a file's whole Content-Length but only half of its bytes, then closes the
+  connection (a transfer cut short). `shutdown()` stops it."""
+
+  def __init__(self, root):
+    self.requests, self.cut = [], False
+    server = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_GET(self):
+        server.requests.append(self.path)
+        path = os.path.join(root, self.path.lstrip("/"))
+        if not os.path.isfile(path):
+          self.send_error(404)
+          return
+        with open(path, "rb") as f:
+          data = f.read()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:len(data) // 2] if server.cut else data)
+        self.close_connection = True
+
+      def log_message(self, *args):
+        pass
+
+    self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+    threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+  def shutdown(self):
+    self._httpd.shutdown()

@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 
 from ssdlite_jax import files
-from tests.helpers import train_command, xla_flags
+from tests.helpers import committed_steps, train_command, xla_flags
 
 STEPS, BATCH, DEVICES, PROCESSES = 4, 8, 8, 2
 TIMEOUT = 600
@@ -174,13 +174,6 @@ def assert_same_training(workdir, reference, first, shared=True):
     difference = abs(got[step]["train/loss"] - ref[step]["train/loss"])
     assert difference <= explained, (f"step {step}: loss {got[step]['train/loss']} vs {ref[step]['train/loss']}, "
                                      f"more than the parameter drift {drift:.3g} explains ({explained:.3g})")
-
-
-def committed_steps(workdir):
-  """The checkpoint steps orbax finished in a bucket workdir (commit_success.txt: no atomic rename there)."""
-  from etils import epath
-  return sorted(int(p.name) for p in (epath.Path(workdir) / "checkpoints").iterdir()
-                if (p / "commit_success.txt").exists())
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ssdlite_jax.inference import Predictor, to_rgb_uint8
 from ssdlite_jax.loading import load_detector
 from ssdlite_jax.zoo import build_model
 from ssdlite_jax.ssd.configs import ssdlite320_config
-from tests.helpers import import_or_skip
+from tests.helpers import Server, import_or_skip
 from tests.torch_reference import random_torchvision_ssdlite, smooth_images, state_dict_numpy
 
 
@@ -212,19 +212,14 @@ def test_predict_cli_on_a_folder_tree_a_pattern_and_a_url(ckpt_dir, tmp_path):
   (from a local HTTP server); the JSON keeps the Predictor's detections scoring >= --conf, with class names; drawn
   copies keep their paths relative to the folder, so two img.png in different folders are both drawn; a folder
   without images, a pattern that matches nothing or a URL that answers 404 is a one-line error."""
-  import functools
-  import http.server
-  import threading
   tree = tmp_path / "tree"
   for i, rel in enumerate(["a/img.png", "b/img.png", "b/c/deep.jpg"]):
     (tree / rel).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((smooth_images(1, 100 + 30 * i, 160, seed=10 + i)[0] * 255).round().astype(np.uint8)).save(
         tree / rel, quality=95)
   (tree / "b" / "notes.txt").write_text("not an image")
-  quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(tree)))
-  threading.Thread(target=server.serve_forever, daemon=True).start()
-  url = f"http://127.0.0.1:{server.server_address[1]}/b/c/deep.jpg"
+  server = Server(str(tree))
+  url = f"{server.url}/b/c/deep.jpg"
   found = [str(tree / r) for r in ("a/img.png", "b/c/deep.jpg", "b/img.png")] + [str(tree / "b" / "img.png"), url]
   predictor = Predictor.from_checkpoint(str(ckpt_dir))
   full = predictor([media.read_image(p) for p in found[:-1]] + [media.read_image(str(tree / "b/c/deep.jpg"))])
@@ -250,7 +245,7 @@ def test_predict_cli_on_a_folder_tree_a_pattern_and_a_url(ckpt_dir, tmp_path):
     predict.main(["--weights", str(ckpt_dir), "--out", str(out), str(tree / "b" / "c")])
   with pytest.raises(SystemExit, match=r"\*\.gif: no file matches this pattern"):
     predict.main(["--weights", str(ckpt_dir), "--out", str(out), str(tree / "*.gif")])
-  with pytest.raises(SystemExit, match=r"b/c/deep\.jpg: cannot read image \(File not found\)"):
+  with pytest.raises(SystemExit, match=r"b/c/deep\.jpg: cannot read image \(Not Found\)"):
     predict.main(["--weights", str(ckpt_dir), "--out", str(out), url])
   server.shutdown()
 

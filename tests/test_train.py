@@ -22,7 +22,7 @@ import pytest
 import ssdlite_jax
 from ssdlite_jax import checkpoint, files
 from ssdlite_jax.zoo import build_model
-from tests.helpers import REPO, import_or_skip, train_command
+from tests.helpers import REPO, committed_steps, import_or_skip, train_command
 
 STEPS = 12   # two epochs of the 24 train images at batch 4
 
@@ -154,17 +154,13 @@ def bucket_run(train_cli, full_run, gcs):
   """The full run's command (plots included) with --workdir gs://test-bucket/tiny: killed (SIGKILL) once a
   checkpoint is committed in the bucket, then rerun logging every LOG_EVERY steps. Returns (the step it was killed
   at, the rerun)."""
-  from etils import epath
   env = dict(train_cli["env"], **gcs)
-  ckpts = epath.Path(BUCKET_RUN) / "checkpoints"
-  # On object storage orbax marks a finished step with commit_success.txt (no atomic rename there).
-  committed = lambda: [int(p.name) for p in ckpts.iterdir() if (p / "commit_success.txt").exists()]
   proc = subprocess.Popen(command(train_cli, BUCKET_RUN, extras=True), env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: ckpts.exists() and committed(), proc, interval=0.2)
+  _wait_for(lambda: committed_steps(BUCKET_RUN), proc, interval=0.2)
   proc.kill()
   assert proc.wait() == -signal.SIGKILL
-  killed_at = max(committed())
+  killed_at = max(committed_steps(BUCKET_RUN))
   return killed_at, run(train_cli, BUCKET_RUN, f"--config.log_every_steps={LOG_EVERY}", extras=True, env=env)
 
 

@@ -3,52 +3,20 @@ verification against the hash in the file name, the cache and its ported .safete
 download, no network, an unknown name."""
 
 import hashlib
-import http.server
 import os
 import sys
-import threading
 
 import numpy as np
 import pytest
 
 from ssdlite_jax import porting, weights
 from ssdlite_jax.loading import load_detector
-from tests.helpers import import_or_skip
+from tests.helpers import Server, import_or_skip
 from tests.torch_reference import random_torchvision_ssdlite
 
 pytestmark = pytest.mark.torch
 
 NAME = "ssdlite320_mobilenet_v3_large"
-
-
-class Server:
-  """Serves `root` on a free localhost port and records the requests; while `cut` is set, it sends a file's whole
-  Content-Length but only half of its bytes, then closes the connection."""
-
-  def __init__(self, root):
-    self.requests, self.cut = [], False
-    server = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      def do_GET(self):
-        server.requests.append(self.path)
-        path = os.path.join(root, os.path.basename(self.path))
-        if not os.path.isfile(path):
-          self.send_error(404)
-          return
-        data = open(path, "rb").read()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data[:len(data) // 2] if server.cut else data)
-        self.close_connection = True
-
-      def log_message(self, *args):
-        pass
-
-    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-    threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +33,7 @@ def published(tmp_path_factory):
   (root / "ssdlite320_mobilenet_v3_large_coco-00000000.pth").write_bytes((root / name).read_bytes())  # a corrupt one
   server = Server(str(root))
   yield server, name, root
-  server.httpd.shutdown()
+  server.shutdown()
 
 
 @pytest.fixture
