@@ -46,7 +46,7 @@ def main(argv=None):
   parser.add_argument("--draw", help="folder for images with detections drawn")
   parser.add_argument("--conf", type=float, default=0.25, help="keep detections scoring >= this (0: all)")
   parser.add_argument("--min-score", type=float, help="deprecated: --conf, which now filters the JSON too")
-  parser.add_argument("--skip-unreadable", action="store_true", help="warn and skip unreadable images")
+  parser.add_argument("--skip-unreadable", action="store_true", help="warn and skip unreadable images and videos")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("images", nargs="+", help="image and video files, folders, glob patterns, http(s) URLs")
   args = parser.parse_args(argv)
@@ -97,6 +97,7 @@ def main(argv=None):
     out.write("\n]\n")
   print(f"wrote {args.out}: {detections} detections scoring >= {args.conf} in {images} images"
         + (f" and {frames} video frames" if frames else "") + (f"; drawn into {args.draw}/" if args.draw else ""))
+
 
 if __name__ == "__main__":
   main()
