@@ -1,5 +1,5 @@
 """One way to load a detector: from an orbax checkpoint directory, a torchvision `.pth` or a `.safetensors`, or
-released weights by name (weights.py: downloaded once, verified, cached).
+released weights by name (weights.py: downloaded once, verified, cached; porting.resolve: ported once).
 
     detector, variables, step = load_detector("runs/coco/checkpoints")          # step: the latest
     detector, variables, step = load_detector("finetuned_13class.pth")          # step None; 13 classes
@@ -25,7 +25,7 @@ def load_detector(source: str, model_config: Optional[ml_collections.ConfigDict]
   """(detector, variables {"params", "batch_stats"}, step) of a checkpoint directory (step: that step, "best"
   (checkpoint.load_variables) or the latest), of a torchvision state_dict file or of released weights by name
   (weights.FILES; step None). Errors name the file and the keys at fault."""
-  source = weights.resolve(source)
+  source = porting.resolve(source)
   if not files.exists(source):
     raise FileNotFoundError(f"{source}: no such checkpoint directory or weights file, nor a weights name "
                             f"({', '.join(weights.FILES)})")

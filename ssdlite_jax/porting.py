@@ -9,6 +9,7 @@ torch is imported only to read or write .pth files.
 """
 
 import collections
+import os
 import pickle
 from typing import Dict, List, Mapping, Tuple
 
@@ -178,13 +179,26 @@ def reads_torch(source: str) -> bool:
   return bool(source) and not files.isdir(source) and not source.endswith(".safetensors")
 
 
+def resolve(source: str) -> str:
+  """`source`, or for a weights name (weights.is_name) its state_dict in a .safetensors in the cache: ported once
+  from the downloaded .pth (weights.fetch), so that later uses read it without torch."""
+  if not weights.is_name(source):
+    return source
+  ported = os.path.splitext(weights.cache_path(source))[0] + ".safetensors"
+  if not os.path.exists(ported):
+    pth = weights.fetch(source)
+    save_state_dict(_read_state_dict(pth, pth), ported)
+    print(f"ported {pth} to {ported}: later uses read it without torch")
+  return ported
+
+
 def load_state_dict(path: str) -> StateDict:
   """Reads a .pth (torch.load with weights_only=True) or .safetensors file into numpy arrays.
 
   A .pth may hold the state_dict itself or a training checkpoint dict with a "model" entry. `path` may be in
-  object storage (read through a local copy) or a weights name (weights.py).
+  object storage (read through a local copy) or a weights name (resolve).
   """
-  path = weights.resolve(path)
+  path = resolve(path)
   if not files.exists(path):
     raise FileNotFoundError(f"{path}: no such file")
   with files.local_file(path) as local:

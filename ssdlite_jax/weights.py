@@ -1,15 +1,16 @@
 """Released weights by name: torchvision's published files, downloaded on first use, verified against the SHA-256
-prefix in their file name (as torch.hub does), kept in a cache and ported once into a .safetensors beside it
-(the same state_dict, read without torch: a name needs torch only on its first use).
+prefix in their file name (as torch.hub does), kept in a cache.
 
-    weights.resolve("ssdlite320_mobilenet_v3_large")
-    # CACHE/weights/ssdlite320_mobilenet_v3_large_coco-a79551df.safetensors (from the .pth of that name)
+    weights.fetch("ssdlite320_mobilenet_v3_large")   # CACHE/weights/ssdlite320_mobilenet_v3_large_coco-a79551df.pth
 
-Everything that loads weights (loading.load_detector: --torch-weights, --config.init_from; porting.load_state_dict:
---config.init_backbone_from) takes these names. Files come from BASE_URL (SSDLITE_JAX_WEIGHTS_URL overrides it,
-e.g. for a mirror) into CACHE_DIR/weights (SSDLITE_JAX_CACHE, default ~/.cache/ssdlite_jax). A download goes to a
-temporary file beside its destination (files.write_atomically) and is renamed there only when complete and
-verified: a refused or cut download leaves nothing behind, and the next use downloads it again.
+Everything that loads weights (loading.load_detector: --weights, --config.init_from; porting.load_state_dict:
+--config.init_backbone_from) takes these names, through porting.resolve, which ports the .pth once into a
+.safetensors beside it (the same state_dict, read without torch: a name needs torch only on its first use).
+
+Files come from BASE_URL (SSDLITE_JAX_WEIGHTS_URL overrides it, e.g. for a mirror) into CACHE_DIR/weights
+(SSDLITE_JAX_CACHE, default ~/.cache/ssdlite_jax). A download goes to a temporary file beside its destination
+(files.write_atomically) and is renamed there only when complete and verified: a refused or cut download leaves
+nothing behind, and the next use downloads it again.
 """
 
 import hashlib
@@ -40,26 +41,21 @@ def cache_dir() -> str:
   return os.path.join(os.path.expanduser(os.environ.get("SSDLITE_JAX_CACHE", "~/.cache/ssdlite_jax")), "weights")
 
 
-def resolve(source: str) -> str:
-  """`source` itself unless it is a weights name (FILES) and no such file or folder exists: then its ported
-  .safetensors in the cache, made first from the .pth (fetch) if needed."""
-  if source not in FILES or files.exists(source):
-    return source
-  ported = os.path.join(cache_dir(), os.path.splitext(FILES[source])[0] + ".safetensors")
-  if not os.path.exists(ported):
-    from ssdlite_jax import porting   # porting resolves names through this module
-    pth = fetch(source)
-    porting.save_state_dict(porting.load_state_dict(pth), ported)
-    print(f"ported {pth} to {ported}: later uses read it without torch")
-  return ported
+def is_name(source: str) -> bool:
+  """Whether `source` means released weights: a name in FILES, and no file or folder of that name exists."""
+  return source in FILES and not files.exists(source)
+
+
+def cache_path(name: str) -> str:
+  """Where weights `name`'s .pth is cached."""
+  return os.path.join(cache_dir(), FILES[name])
 
 
 def fetch(name: str) -> str:
   """The cached .pth of weights `name`, downloaded and verified first if it is not there. Errors are one line:
   FileNotFoundError when it cannot be downloaded (naming the URL and where to put the file by hand), ValueError
   when the download is not the published file."""
-  file = FILES[name]
-  path = os.path.join(cache_dir(), file)
+  file, path = FILES[name], cache_path(name)
   if os.path.exists(path):
     return path
   url = f"{os.environ.get('SSDLITE_JAX_WEIGHTS_URL', BASE_URL).rstrip('/')}/{file}"
