@@ -175,8 +175,15 @@ def flax_to_torch(variables, detector: Detector) -> StateDict:
 
 def reads_torch(source: str) -> bool:
   """Whether loading weights from `source` (a config's init_from / init_backbone_from: '', a checkpoint directory,
-  a .safetensors or a .pth file) needs torch: a file that is not .safetensors."""
+  a .safetensors or a .pth file, a weights name) needs torch: a file that is not .safetensors, a name not yet
+  ported (resolve)."""
+  if weights.is_name(source):
+    return not os.path.exists(_ported(source))
   return bool(source) and not files.isdir(source) and not source.endswith(".safetensors")
+
+
+def _ported(name: str) -> str:
+  return os.path.splitext(weights.cache_path(name))[0] + ".safetensors"
 
 
 def resolve(source: str) -> str:
@@ -184,7 +191,7 @@ def resolve(source: str) -> str:
   from the downloaded .pth (weights.fetch), so that later uses read it without torch."""
   if not weights.is_name(source):
     return source
-  ported = os.path.splitext(weights.cache_path(source))[0] + ".safetensors"
+  ported = _ported(source)
   if not os.path.exists(ported):
     pth = weights.fetch(source)
     save_state_dict(_read_state_dict(pth, pth), ported)

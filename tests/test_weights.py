@@ -58,7 +58,9 @@ def test_a_name_downloads_once_is_ported_once_and_loads_as_the_file(published, t
   server, file, root = published
   table(file)
   ported = file.replace(".pth", ".safetensors")
+  assert porting.reads_torch(NAME)   # train.py imports torch first for it (before TensorFlow)
   detector, variables, step = load_detector(NAME)
+  assert not porting.reads_torch(NAME)
   assert step is None and detector.config.num_classes == 91
   assert cached(tmp_path) == [file, ported] and server.requests.count(f"/{file}") == 1
   assert (tmp_path / "cache" / "weights" / file).read_bytes() == (root / file).read_bytes()
